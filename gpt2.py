@@ -1,0 +1,857 @@
+"""
+GPT-2 from scratch in one file: the model, the data loader and the training loop.
+
+Reproduce GPT-2 124M on FineWeb-Edu 10B tokens (after `python fineweb.py`):
+    python gpt2.py                                          # one GPU, or CPU/MPS
+    torchrun --standalone --nproc_per_node=8 gpt2.py        # 8 GPUs on one node
+Every setting in `Config` below can be overridden as --name=value:
+    python gpt2.py --n_layer=4 --n_embd=256 --max_steps=100 --compile=0
+Continue the newest checkpoint in log_dir (safe to pass always): --init_from=resume
+"""
+
+import dataclasses
+import glob
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- config ---
+
+
+@dataclass
+class Config:
+    # data and output
+    data_dir: str = "edu_fineweb10B"  # the uint16 .npy shards written by fineweb.py
+    log_dir: str = "log"  # log.txt and the model_XXXXX.pt checkpoints
+    init_from: str = "scratch"  # scratch | resume (newest checkpoint in log_dir) | path/to/model_XXXXX.pt
+    # model (GPT-2 124M)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    block_size: int = 1024  # context length, and the length of every training sequence
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128, for faster matmuls
+    # batch
+    total_batch_size: int = 524288  # tokens per optimizer step over all ranks and micro-steps (2**19, ~0.5M)
+    micro_batch_size: int = 64  # sequences per forward pass on each rank; lower it if memory runs out
+    # optimizer and learning-rate schedule
+    max_lr: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # where the cosine ends: 10% of max_lr
+    warmup_steps: int = 715  # linear warmup (375M tokens, as GPT-3)
+    max_steps: int = 19073  # optimizer steps: 19073 * 524288 = 10B tokens, one epoch of sample-10BT
+    lr_decay_steps: int = 0  # cosine length after warmup; 0 = until max_steps; after it lr stays at min_lr
+    weight_decay: float = 0.1  # on matmul and embedding weights only
+    beta1: float = 0.9  # AdamW betas and eps, as GPT-3
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
+    seed: int = 1337  # model init and sampling
+    # system
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    compile: bool = True  # torch.compile the model for training and validation
+    # evaluation, sampling and checkpoints (every N optimizer steps; 0 disables)
+    val_every: int = 250  # validation loss...
+    val_steps: int = 20  # ...over this many micro-batches per rank, the same ones each time
+    hellaswag_every: int = 250  # HellaSwag acc_norm on the val split
+    hellaswag_file: str = ""  # a local hellaswag_val.jsonl; "" = download it once to the cache
+    sample_every: int = 250  # print a few samples from a fixed prompt
+    checkpoint_every: int = 5000  # also at the end of training
+    keep_checkpoints: int = 0  # keep only the newest K checkpoints; 0 keeps all
+    skip_nonfinite: bool = False  # skip an optimizer step whose loss is NaN/inf instead of stopping
+    debug: bool = False  # show tracebacks instead of one-line errors
+
+
+class UserError(ValueError):
+    """A mistake the user can fix. The command line shows its message as one line, no traceback."""
+
+
+def apply_overrides(cfg, argv):
+    """Sets fields of the dataclass `cfg` from --name=value arguments; returns the names set.
+
+    Values are parsed as literals of the field's type (never evaluated as code); bools take
+    0/1/true/false.
+    """
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    accepted = ", ".join(fields)
+    overridden = set()
+    for arg in argv:
+        name, sep, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise UserError(f"bad argument {arg!r}: write --name=value, with name one of: {accepted}")
+        if name not in fields:
+            raise UserError(f"unknown setting {name!r}: accepted settings are {accepted}")
+        setattr(cfg, name, parse_value(name, text, type(getattr(cfg, name))))
+        overridden.add(name)
+    return overridden
+
+
+def parse_value(name, text, kind):
+    if kind is bool:
+        if text.lower() in ("1", "true"):
+            return True
+        if text.lower() in ("0", "false"):
+            return False
+    elif kind is str:
+        return text
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    accepted = "0, 1, true or false" if kind is bool else f"a{'n' * (kind is int)} {kind.__name__}"
+    raise UserError(f"--{name}={text}: expected {accepted}")
+
+
+def run_cli(main, cfg, argv):
+    """Runs main(cfg, overridden_names) after applying argv; a UserError ends it as one line, exit 1."""
+    try:
+        overridden = apply_overrides(cfg, argv)
+        main(cfg, overridden)
+    except UserError as e:
+        if getattr(cfg, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+# --- model ---
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # 50257 = 50000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise UserError(f"{name}={value}: must be at least 1")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                            f"choose n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}")
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for fast generation."""
+
+    def __init__(self, config, batch_size, max_len):
+        hs = config.n_embd // config.n_head
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = self.v = None  # made at the first update, in the dtype the model computes in
+        self.pos = 0  # tokens cached so far; GPT.forward advances it
+
+    def update(self, layer, k, v):
+        """Stores k, v (B, nh, T, hs) after the cached tokens; returns all keys and values so far."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer = layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True  # see GPT._init_weights
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # a prompt (nothing cached yet) needs the causal mask; one new token may see everything cached
+        is_causal = kv_cache is None or kv_cache.pos == 0
+        if kv_cache is not None:
+            if kv_cache.pos > 0 and T != 1:
+                raise ValueError("with a non-empty KV cache, feed one token at a time")
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, pos + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, 4C) inside
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2's init: std 0.02, and the projections that add into the residual stream scaled
+        # by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def num_params(self):
+        # the position embeddings do no matmul work, so they are left out of the FLOP count
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token: 6N for the matmuls, plus attention's scores and values (PaLM, app. B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        # decay the matmul and embedding weights (dim >= 2), not biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"  # one kernel for the whole update
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+
+@torch.no_grad()
+def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperature=1.0,
+             generator=None, vocab_limit=None, use_cache=True, autocast=nullcontext):
+    """Samples num_samples continuations of the token list `prompt`.
+
+    Returns (tokens, logprobs): the new tokens (num_samples, max_new_tokens) and the
+    log-probability of each under the sampling distribution's logits. top_k=1 is greedy.
+    `vocab_limit` keeps the padded vocabulary rows (ids >= it) from ever being sampled.
+    """
+    device = next(model.parameters()).device
+    if len(prompt) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt of {len(prompt)} + {max_new_tokens} new tokens exceeds block_size={model.config.block_size}")
+    idx = torch.tensor(prompt, dtype=torch.long, device=device).repeat(num_samples, 1)  # (N, T0)
+    cache = KVCache(model.config, num_samples, len(prompt) + max_new_tokens) if use_cache else None
+    new_tokens, logprobs = [], []
+    step_input = idx
+    for _ in range(max_new_tokens):
+        with autocast():
+            logits, _ = model(step_input if use_cache else idx, kv_cache=cache)
+        logits = logits[:, -1, :vocab_limit].float() / max(temperature, 1e-8)  # (N, V)
+        log_probs = F.log_softmax(logits, dim=-1)
+        top_logp, top_ids = torch.topk(log_probs, min(top_k, log_probs.size(-1)), dim=-1)  # (N, k)
+        choice = torch.multinomial(top_logp.exp(), 1, generator=generator)  # (N, 1)
+        token = torch.gather(top_ids, -1, choice)  # (N, 1)
+        new_tokens.append(token)
+        logprobs.append(torch.gather(log_probs, -1, token))
+        idx = torch.cat((idx, token), dim=1)
+        step_input = token
+    return torch.cat(new_tokens, dim=1), torch.cat(logprobs, dim=1)
+
+
+# --- data ---
+
+
+def find_shards(data_dir, split):
+    """The shard files of one split ("train" or "val"), in sorted name order."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir}/ does not exist: run python fineweb.py to write the shards "
+                        f"(or pass --data_dir=PATH)")
+    names = sorted(n for n in os.listdir(data_dir) if f"_{split}_" in n and n.endswith(".npy"))
+    if not names:
+        raise UserError(f"no {split} shards (*_{split}_*.npy) in {data_dir}/: run python fineweb.py first")
+    return [os.path.join(data_dir, n) for n in names]
+
+
+def open_shard(path):
+    """Memory-maps one shard, checking that it is a 1-d uint16 .npy with at least one token."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"cannot read shard {path} ({e}): it is truncated or not a .npy file; "
+                        f"delete it and run python fineweb.py again") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-d uint16 tokens: "
+                        f"rewrite it with python fineweb.py")
+    if len(tokens) == 0:
+        raise UserError(f"shard {path} is empty: delete it and run python fineweb.py again")
+    return tokens
+
+
+class DataLoaderLite:
+    """B x T windows of tokens from the shards of one split, for one rank.
+
+    The shards, in sorted name order, form one token stream that wraps around at its end,
+    so no token is wasted at a shard end: a window that runs past one shard continues into
+    the next, and past the last shard into the first (the next epoch). Each batch, rank r
+    reads the B*T+1 tokens starting at position + r*B*T (targets are inputs shifted by one)
+    and then every rank moves position on by B*T*world_size. So `position` is the loader's
+    whole state: the same on every rank and meaningful for any world size.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=50304):
+        self.B, self.T = B, T
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size = vocab_size
+        self.paths = find_shards(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.checked = [False] * len(self.shards)  # token ids are checked when a shard is first read
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard starts in the stream
+        self.total = int(self.offsets[-1])
+        needed = B * T * world_size + 1
+        if self.total < needed:
+            raise UserError(f"the {split} shards in {data_dir}/ hold {self.total} tokens, fewer than one batch needs "
+                            f"(micro_batch_size*block_size*world_size+1 = {needed}): lower those settings "
+                            f"or write more data with python fineweb.py")
+        self.position = 0
+
+    def reset(self):
+        self.position = 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = int(state["position"])
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self._read(self.position + self.rank * B * T, B * T + 1)
+        buf = torch.from_numpy(buf.astype(np.int64))
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets
+        self.position += B * T * self.world_size
+        return x, y
+
+    def _read(self, start, n):
+        """n tokens of the stream from `start`, across shard ends and around the end of the stream."""
+        start %= self.total
+        pieces = []
+        while n > 0:
+            i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            lo = start - int(self.offsets[i])
+            take = min(n, len(self.shards[i]) - lo)
+            pieces.append(self._shard(i)[lo:lo + take])
+            n -= take
+            start = (start + take) % self.total
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _shard(self, i):
+        if not self.checked[i]:
+            top = int(self.shards[i].max())
+            if top >= self.vocab_size:
+                raise UserError(f"shard {self.paths[i]} holds token id {top} >= vocab_size={self.vocab_size}: "
+                                f"it was not written by python fineweb.py with the GPT-2 tokenizer; rewrite it")
+            self.checked[i] = True
+        return self.shards[i]
+
+
+# --- checkpoints ---
+
+CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the Config fields that shape the model
+
+
+def checkpoint_path(log_dir, step):
+    return os.path.join(log_dir, f"model_{step:05d}.pt")
+
+
+def list_checkpoints(log_dir):
+    """The complete checkpoints in log_dir as (step, path), oldest first. Temporary files never match."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(log_dir, n)) for n in os.listdir(log_dir) if (m := CHECKPOINT_RE.fullmatch(n))]
+    return sorted(found)
+
+
+def save_checkpoint(path, state):
+    """Writes state to path atomically: a crash leaves either the old file or the complete new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """Loads a checkpoint on the CPU. weights_only=True: a file that would run code is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: pass --init_from=scratch, resume, or an existing model_XXXXX.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint {path} ({reason}): it is truncated, corrupt or not one of ours; "
+                        f"pass an earlier model_XXXXX.pt or --init_from=scratch") from None
+
+
+def clean_state_dict(state_dict):
+    """A model state dict without the prefixes torch.compile (_orig_mod.) and DDP (module.) add."""
+    return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def rng_state():
+    """This process's random states, as tensors and plain numbers (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_config(cfg):
+    return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+
+
+def load_model(path, device="cpu"):
+    """Our GPT with the weights of checkpoint `path` (for evaluation and sampling)."""
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+# Hugging Face's GPT-2 stores these four weights as Conv1D (in, out); ours are nn.Linear (out, in)
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_model(name_or_dir, device="cpu"):
+    """Our GPT with the weights of a Hugging Face GPT-2: a hub name (gpt2, gpt2-xl, ...) or a local directory."""
+    from transformers import GPT2LMHeadModel  # heavy, and only needed here
+
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+    except OSError as e:
+        raise UserError(f"cannot load Hugging Face model {name_or_dir!r} ({str(e).splitlines()[0]}): pass a hub name "
+                        f"such as gpt2 or a directory saved by transformers") from None
+    c = hf.config
+    model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                          n_embd=c.n_embd))
+    theirs = hf.state_dict()
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            weight = theirs[name]
+            param.copy_(weight.t() if name.endswith(HF_TRANSPOSED) else weight)
+    return model.to(device)
+
+
+# --- distributed setup ---
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name}: expected auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but torch sees no CUDA GPU: use --device=cpu or --device=auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS is not available: use --device=cpu or --device=auto")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+def setup_distributed(device_name):
+    """Reads torchrun's environment (if any), joins the process group and picks this rank's device."""
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, resolve_device(device_name))
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world_size, device)
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# --- eval ---
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, device, autocast):
+    """Token-weighted mean loss over the same `steps` batches of every rank, all-reduced."""
+    loader.reset()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss sum, token count)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            _, loss = model(x, y)
+        totals[0] += loss.double() * y.numel()
+        totals[1] += y.numel()
+    all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+
+
+def print_samples(model, enc, device, autocast, seed, num_samples=4, max_new_tokens=32):
+    """A few top-k samples from a fixed prompt and seed, so they can be compared across steps."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = enc.encode_ordinary(SAMPLE_PROMPT)
+    tokens, _ = generate(model, prompt, num_samples, max_new_tokens, top_k=50, generator=generator,
+                         vocab_limit=enc.n_vocab, autocast=autocast)
+    for i, row in enumerate(tokens.tolist()):
+        print(f"sample {i}: {SAMPLE_PROMPT}{enc.decode(row)!r}")
+
+
+# --- train ---
+
+# dense bf16 tensor-core peak FLOP/s, for MFU; the first name found in the device name wins
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
+LOCAL_KEYS = ("data_dir", "log_dir", "init_from", "device", "debug")  # where and how to run, never taken from a checkpoint
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def get_lr(step, cfg):
+    """Linear warmup, cosine decay to min_lr over lr_decay_steps (default: until max_steps), then min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps - cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(decay_steps, 1)
+    if progress >= 1:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
+
+
+def is_due(every, step, last):
+    return every > 0 and (step % every == 0 or last)
+
+
+def resume_config(cfg, overridden, saved, path):
+    """The checkpoint's settings with this command line's overrides on top. The model's shape cannot change."""
+    for k in MODEL_KEYS:
+        if k in overridden and getattr(cfg, k) != saved[k]:
+            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with checkpoint {path}, which has {k}={saved[k]}: "
+                            f"drop --{k}, or start a new run with another --log_dir")
+    known = {f.name for f in dataclasses.fields(Config)}
+    merged = Config(**{k: v for k, v in saved.items() if k in known})
+    for k in set(overridden) | set(LOCAL_KEYS):
+        setattr(merged, k, getattr(cfg, k))
+    return merged
+
+
+def grad_accum_steps(cfg, world_size):
+    per_micro_step = cfg.micro_batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % per_micro_step:
+        nearest = max(1, round(cfg.total_batch_size / per_micro_step)) * per_micro_step
+        raise UserError(f"total_batch_size={cfg.total_batch_size} is not divisible by micro_batch_size*block_size*world_size"
+                        f" = {cfg.micro_batch_size}*{cfg.block_size}*{world_size} = {per_micro_step}: use a multiple of "
+                        f"{per_micro_step} such as --total_batch_size={nearest}, or change micro_batch_size")
+    return cfg.total_batch_size // per_micro_step
+
+
+def prepare_log_dir(log_dir, start_step):
+    """Makes log_dir and cuts log.txt back to the steps before start_step (they are logged again)."""
+    log_file = os.path.join(log_dir, "log.txt")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        for leftover in glob.glob(os.path.join(log_dir, "*.tmp")):
+            os.remove(leftover)  # a checkpoint or log whose writer was killed
+        lines = []
+        if os.path.exists(log_file):
+            with open(log_file) as f:
+                lines = [line for line in f if line.split(" ", 1)[0].isdigit() and int(line.split(" ", 1)[0]) < start_step]
+        with open(log_file + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(log_file + ".tmp", log_file)
+    except OSError as e:
+        raise UserError(f"cannot write to log_dir {log_dir}/ ({e.strerror}): "
+                        f"fix its permissions or pass --log_dir=PATH") from None
+    return log_file
+
+
+def train(cfg, overridden):
+    d = setup_distributed(cfg.device)
+    try:
+        run_training(cfg, overridden, d)
+    finally:
+        teardown_distributed()
+
+
+def run_training(cfg, overridden, d):
+    say = print if d.is_master else (lambda *args, **kwargs: None)
+
+    # where to start: a checkpoint's complete state, or a fresh model
+    path = None
+    if cfg.init_from == "resume":
+        found = list_checkpoints(cfg.log_dir)
+        path = found[-1][1] if found else None
+        if path is None:
+            say(f"init_from=resume: no checkpoint in {cfg.log_dir}/, starting from scratch")
+    elif cfg.init_from == "scratch":
+        found = list_checkpoints(cfg.log_dir)
+        if found:
+            raise UserError(f"log_dir {cfg.log_dir}/ already holds checkpoints (newest {found[-1][1]}): "
+                            f"pass --init_from=resume to continue that run, or another --log_dir")
+    else:
+        path = cfg.init_from
+    ckpt = load_checkpoint(path) if path else None
+    if ckpt:
+        cfg = resume_config(cfg, overridden, ckpt["config"], path)
+        say(f"resuming from {path} (step {ckpt['step']}) with its settings, overridden by: {sorted(overridden) or 'nothing'}")
+    say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = d.device
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"--dtype={cfg.dtype}: expected auto, float32 or bfloat16")
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    B, T = cfg.micro_batch_size, cfg.block_size
+    grad_accum = grad_accum_steps(cfg, d.world_size)
+    model_cfg = model_config(cfg)
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size)
+    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, d.rank, d.world_size, cfg.vocab_size) if cfg.val_every else None
+    hella_examples = None
+    if cfg.hellaswag_every:
+        import hellaswag
+        hella_examples = hellaswag.load_examples("val", cfg.hellaswag_file or None, is_master=d.is_master)
+    enc = None
+    if cfg.sample_every and d.is_master:
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+
+    raw_model = GPT(model_cfg)
+    start_step = 0
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+    raw_model.to(device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device.type)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["loader"])
+        start_step = ckpt["step"]
+        if ckpt["world_size"] == d.world_size:
+            set_rng_state(ckpt["rng"][d.rank])
+        else:
+            say(f"checkpoint was written by {ckpt['world_size']} ranks, now {d.world_size}: "
+                f"the loader continues at the same token, random states start from the seed")
+        del ckpt
+    # training and validation (fixed shapes) run compiled; sampling and HellaSwag use raw_model
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    train_model = model
+    if dist.is_initialized():
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+
+    log_file = None
+    if d.is_master:
+        log_file = prepare_log_dir(cfg.log_dir, start_step)
+    flops_per_token = raw_model.flops_per_token(T)
+    peak = peak_flops(device)
+    say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
+        f"= {cfg.total_batch_size:,} tokens per step | {device} | {'bfloat16' if use_bf16 else 'float32'}")
+
+    def log(line):
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
+
+    for step in range(start_step, cfg.max_steps + 1):
+        last = step == cfg.max_steps
+        if val_loader and is_due(cfg.val_every, step, last):
+            val_loss = evaluate_loss(model, val_loader, cfg.val_steps, device, autocast)
+            say(f"step {step:6d} | val loss {val_loss:.4f}")
+            log(f"{step} val {val_loss:.4f}")
+        if hella_examples and is_due(cfg.hellaswag_every, step, last):
+            result = hellaswag.evaluate(raw_model, hella_examples, device, autocast=autocast,
+                                        rank=d.rank, world_size=d.world_size)
+            say(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
+            log(f"{step} hella {result['acc_norm']:.4f}")
+        if enc and is_due(cfg.sample_every, step, last):
+            print_samples(raw_model, enc, device, autocast, cfg.seed)
+        if last:
+            break
+
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = train_loader.next_batch()
+            if device.type == "cuda":
+                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            else:
+                x, y = x.to(device), y.to(device)
+            # DDP all-reduces gradients only in the last micro-step's backward
+            is_last_micro = micro_step == grad_accum - 1
+            with nullcontext() if is_last_micro or train_model is model else train_model.no_sync():
+                with autocast():
+                    _, loss = train_model(x, y)
+                loss = loss / grad_accum  # the gradient of the mean over the whole batch
+                loss_accum += loss.detach()
+                loss.backward()
+        loss_accum = all_reduce_sum(loss_accum) / d.world_size
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_value, norm_value = loss_accum.item(), norm.item()  # the same on every rank
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            if not cfg.skip_nonfinite:
+                raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
+                                f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
+            say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped")
+            continue
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
+        dt = time.time() - t0
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
+        say(f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:7.4f} | "
+            f"dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}")
+        log(f"{step} train {loss_value:.6f}")
+
+        completed = step + 1
+        if cfg.checkpoint_every and (completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps):
+            rng = [None] * d.world_size
+            if dist.is_initialized():
+                dist.all_gather_object(rng, rng_state())
+            else:
+                rng = [rng_state()]
+            if d.is_master:
+                state = {"model": clean_state_dict(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
+                         "step": completed, "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(),
+                         "world_size": d.world_size, "rng": rng}
+                path = checkpoint_path(cfg.log_dir, completed)
+                save_checkpoint(path, state)
+                say(f"saved {path}")
+                if cfg.keep_checkpoints:
+                    for _, old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
+                        os.remove(old)
+
+
+def main(cfg, overridden):
+    if cfg.init_from != "scratch" and cfg.init_from != "resume" and not os.path.exists(cfg.init_from):
+        raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, or a model_XXXXX.pt path")
+    train(cfg, overridden)
+
+
+if __name__ == "__main__":
+    run_cli(main, Config(), sys.argv[1:])
