@@ -17,6 +17,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
 
 # a model small enough to train a few steps in about a second on a CPU
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=128", "--micro_batch_size=4",
+        "--total_batch_size=128",
         "--compile=0", "--device=cpu", "--hellaswag_every=0", "--sample_every=0"]
 
 
