@@ -7,16 +7,22 @@ Reproduce GPT-2 124M on FineWeb-Edu 10B tokens (after `python fineweb.py`):
 Every setting in `Config` below can be overridden as --name=value:
     python gpt2.py --n_layer=4 --n_embd=256 --max_steps=100 --compile=0
 Continue the newest checkpoint in log_dir (safe to pass always): --init_from=resume
+Fine-tune OpenAI's GPT-2 (a hub name, or a directory saved by transformers): --init_from=gpt2
+Sample from a checkpoint or a Hugging Face GPT-2, or export a checkpoint for transformers:
+    python gpt2.py --mode=sample --init_from=log/model_19073.pt --prompt="The meaning of life is" --top_k=50
+    python gpt2.py --mode=export --init_from=log/model_19073.pt --export_dir=gpt2-ours
 """
 
 import dataclasses
 import glob
 import math
 import os
+import pickle
 import random
 import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -33,8 +39,10 @@ import torch.nn.functional as F
 class Config:
     # data and output
     data_dir: str = "edu_fineweb10B"  # the uint16 .npy shards written by fineweb.py
-    log_dir: str = "log"  # log.txt and the model_XXXXX.pt checkpoints
-    init_from: str = "scratch"  # scratch | resume (newest checkpoint in log_dir) | path/to/model_XXXXX.pt
+    log_dir: str = "log"  # log.txt, log.png and the model_XXXXX.pt checkpoints
+    init_from: str = "scratch"  # scratch | resume (newest in log_dir) | model_XXXXX.pt path | gpt2[-medium|-large|-xl] | HF dir
+    mode: str = "train"  # train | sample (print samples from init_from) | export (init_from to a Hugging Face directory)
+    export_dir: str = ""  # where --mode=export writes config.json, model.safetensors and the tokenizer files
     # model (GPT-2 124M)
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
@@ -65,10 +73,20 @@ class Config:
     val_steps: int = 20  # ...over this many micro-batches per rank, the same ones each time
     hellaswag_every: int = 250  # HellaSwag acc_norm on the val split
     hellaswag_file: str = ""  # a local hellaswag_val.jsonl; "" = download it once to the cache
-    sample_every: int = 250  # print a few samples from a fixed prompt
+    sample_every: int = 250  # print a few samples from the prompt below
     checkpoint_every: int = 5000  # also at the end of training
     keep_checkpoints: int = 0  # keep only the newest K checkpoints; 0 keeps all
     skip_nonfinite: bool = False  # skip an optimizer step whose loss is NaN/inf instead of stopping
+    wandb_log: bool = False  # also send the metrics to Weights & Biases (rank 0; needs pip install wandb)
+    wandb_project: str = "gpt2"
+    wandb_run_name: str = ""  # "" = wandb picks one
+    # sampling: --mode=sample and the periodic samples during training
+    prompt: str = "Hello, I'm a language model,"  # "" = start from <|endoftext|>
+    num_samples: int = 4
+    max_new_tokens: int = 32  # prompt + max_new_tokens must fit block_size; longer prompts keep their end
+    top_k: int = 50  # sample among the k most likely tokens; 1 = greedy
+    temperature: float = 1.0  # <1 sharper, >1 flatter
+    samples_file: str = ""  # --mode=sample also writes one JSON line per sample here
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
@@ -249,7 +267,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+        """Logits (B, T, vocab_size) and the mean loss if targets are given; last_only: logits (B, 1, vocab_size)
+        of the last position only, all that generation needs (the vocabulary matmul is the largest one)."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -260,12 +280,21 @@ class GPT(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Keeps the first block_size position embeddings, to use a pretrained model with a shorter context."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def num_params(self):
         # the position embeddings do no matmul work, so they are left out of the FLOP count
@@ -283,7 +312,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # one kernel for the whole update
+        fused = device_type in ("cuda", "cpu")  # one kernel for the whole update, not one per parameter
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
 
@@ -293,10 +322,15 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
     """Samples num_samples continuations of the token list `prompt`.
 
     Returns (tokens, logprobs): the new tokens (num_samples, max_new_tokens) and the
-    log-probability of each under the sampling distribution's logits. top_k=1 is greedy.
-    `vocab_limit` keeps the padded vocabulary rows (ids >= it) from ever being sampled.
+    log-probability of each under the temperature-scaled distribution over the whole
+    vocabulary (before the top-k cut). top_k=1 is greedy: the argmax, as transformers'
+    do_sample=False. `vocab_limit` keeps the padded vocabulary rows (ids >= it) from ever
+    being sampled. With use_cache, each new token costs one position's forward pass; without,
+    the whole sequence is recomputed every step (the same tokens, much slower).
     """
     device = next(model.parameters()).device
+    if not prompt:
+        raise ValueError("empty prompt: give at least one token (GPT-2 starts unconditional text with <|endoftext|>)")
     if len(prompt) + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt of {len(prompt)} + {max_new_tokens} new tokens exceeds block_size={model.config.block_size}")
     idx = torch.tensor(prompt, dtype=torch.long, device=device).repeat(num_samples, 1)  # (N, T0)
@@ -305,12 +339,15 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
     step_input = idx
     for _ in range(max_new_tokens):
         with autocast():
-            logits, _ = model(step_input if use_cache else idx, kv_cache=cache)
+            logits, _ = model(step_input if use_cache else idx, kv_cache=cache, last_only=True)
         logits = logits[:, -1, :vocab_limit].float() / max(temperature, 1e-8)  # (N, V)
         log_probs = F.log_softmax(logits, dim=-1)
-        top_logp, top_ids = torch.topk(log_probs, min(top_k, log_probs.size(-1)), dim=-1)  # (N, k)
-        choice = torch.multinomial(top_logp.exp(), 1, generator=generator)  # (N, 1)
-        token = torch.gather(top_ids, -1, choice)  # (N, 1)
+        if top_k == 1:
+            token = log_probs.argmax(dim=-1, keepdim=True)  # (N, 1); no random draw, ties go to the lowest id
+        else:
+            top_logp, top_ids = torch.topk(log_probs, min(top_k, log_probs.size(-1)), dim=-1)  # (N, k)
+            choice = torch.multinomial(top_logp.exp(), 1, generator=generator)  # (N, 1)
+            token = torch.gather(top_ids, -1, choice)  # (N, 1)
         new_tokens.append(token)
         logprobs.append(torch.gather(log_probs, -1, token))
         idx = torch.cat((idx, token), dim=1)
@@ -453,7 +490,12 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: pass --init_from=scratch, resume, or an existing model_XXXXX.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing a file
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"refused to load checkpoint {path}: it holds Python objects that could run code, not just "
+                        f"tensors and plain data; only load checkpoints written by gpt2.py") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load checkpoint {path} ({reason}): it is truncated, corrupt or not one of ours; "
@@ -491,15 +533,36 @@ def model_config(cfg):
 
 
 def load_model(path, device="cpu"):
-    """Our GPT with the weights of checkpoint `path` (for evaluation and sampling)."""
+    """Our GPT with the weights of checkpoint `path`, or of a Hugging Face GPT-2 (see is_hf_model)."""
+    if is_hf_model(path):
+        return load_hf_model(path, device)
     ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
     model.load_state_dict(ckpt["model"])
     return model.to(device)
 
 
+# --- Hugging Face interop ---
+
+HF_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four, also as openai-community/NAME
 # Hugging Face's GPT-2 stores these four weights as Conv1D (in, out); ours are nn.Linear (out, in)
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_VOCAB = 50257  # the tokenizer's size; our vocab_size may be padded beyond it
+# tiktoken builds its gpt2 encoding from these two files, which are GPT-2's vocab.json and merges.txt (same bytes);
+# the addresses and SHA-256 are those in tiktoken_ext/openai_public.py, so tiktoken's cache serves them offline
+GPT2_TOKENIZER_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",
+                "special_tokens_map.json", *GPT2_TOKENIZER_FILES}
+
+
+def is_hf_model(init_from):
+    """True for a hub name of OpenAI's GPT-2 or a directory saved by transformers (it holds config.json)."""
+    return init_from.removeprefix("openai-community/") in HF_HUB_NAMES or os.path.isfile(os.path.join(init_from, "config.json"))
 
 
 def load_hf_model(name_or_dir, device="cpu"):
@@ -507,11 +570,19 @@ def load_hf_model(name_or_dir, device="cpu"):
     from transformers import GPT2LMHeadModel  # heavy, and only needed here
 
     try:
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except OSError as e:
-        raise UserError(f"cannot load Hugging Face model {name_or_dir!r} ({str(e).splitlines()[0]}): pass a hub name "
-                        f"such as gpt2 or a directory saved by transformers") from None
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)  # copy_ below casts to our float32
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load Hugging Face model {name_or_dir!r} ({str(e).strip().splitlines()[0]}): pass a hub "
+                        f"name such as gpt2 (needs the network or the HF cache) or a directory saved by transformers") from None
     c = hf.config
+    # our blocks are GPT-2's exactly; a config that changes them would load but compute something else
+    unsupported = {"activation_function": (c.activation_function, "gelu_new"), "n_inner": (c.n_inner, None),
+                   "layer_norm_epsilon": (c.layer_norm_epsilon, 1e-5), "scale_attn_weights": (c.scale_attn_weights, True),
+                   "scale_attn_by_inverse_layer_idx": (c.scale_attn_by_inverse_layer_idx, False),
+                   "tie_word_embeddings": (c.tie_word_embeddings, True)}
+    for key, (theirs, ours) in unsupported.items():
+        if theirs != ours and not (key == "n_inner" and theirs == 4 * c.n_embd):
+            raise UserError(f"Hugging Face model {name_or_dir!r} has {key}={theirs!r}; this GPT supports only {ours!r}")
     model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                           n_embd=c.n_embd))
     theirs = hf.state_dict()
@@ -520,6 +591,82 @@ def load_hf_model(name_or_dir, device="cpu"):
             weight = theirs[name]
             param.copy_(weight.t() if name.endswith(HF_TRANSPOSED) else weight)
     return model.to(device)
+
+
+def to_hf_model(model):
+    """A transformers GPT2LMHeadModel with our model's weights, the vocabulary cut back to GPT-2's 50257 tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    if c.vocab_size < GPT2_VOCAB:
+        raise UserError(f"this model has vocab_size={c.vocab_size} < {GPT2_VOCAB}, GPT-2's tokenizer: it cannot be "
+                        f"exported as a GPT-2; train it with the default --vocab_size=50304")
+    # no dropout: the model was trained without it, and fine-tuning with transformers should see the same network
+    hf_config = GPT2Config(vocab_size=GPT2_VOCAB, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
+                           n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=GPT2_VOCAB - 1,
+                           eos_token_id=GPT2_VOCAB - 1)
+    hf = GPT2LMHeadModel(hf_config)
+    ours = clean_state_dict(model.state_dict())
+    state = {}
+    for name in hf.state_dict():
+        weight = ours[name].detach().float().cpu()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            weight = weight[:GPT2_VOCAB]  # the padding rows are never a target, so they carry nothing
+        state[name] = weight.t().contiguous() if name.endswith(HF_TRANSPOSED) else weight
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def gpt2_tokenizer_files(model_max_length):
+    """{file name: bytes} for GPT-2's tokenizer (as transformers reads it), or None when tiktoken cannot get its files."""
+    import json
+
+    from tiktoken.load import read_file_cached
+
+    try:
+        files = {name: read_file_cached(url, expected_hash) for name, (url, expected_hash) in GPT2_TOKENIZER_FILES.items()}
+    except Exception:  # no network and no TIKTOKEN_CACHE_DIR: the weights are still worth writing
+        return None
+    eot = "<|endoftext|>"
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    files["special_tokens_map.json"] = json.dumps(special, indent=2).encode()
+    files["tokenizer_config.json"] = json.dumps({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                                                 "model_max_length": model_max_length, **special}, indent=2).encode()
+    return files
+
+
+def export_hf(model, export_dir):
+    """Writes export_dir so that transformers' from_pretrained loads the model (and AutoTokenizer its tokenizer).
+
+    The directory appears complete or not at all: it is written beside export_dir and renamed into place.
+    Returns the names of the files written.
+    """
+    import shutil
+
+    export_dir = os.path.normpath(export_dir)
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        names = set(os.listdir(export_dir))
+        if "config.json" not in names or not names <= EXPORT_FILES:
+            raise UserError(f"export_dir {export_dir}/ is not empty and not an earlier export: pass a new --export_dir")
+    elif os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise UserError(f"export_dir {export_dir} is a file: pass a directory path as --export_dir")
+    hf = to_hf_model(model)
+    hf.generation_config.pad_token_id = GPT2_VOCAB - 1  # open-ended generation with no padding token, as GPT-2
+    tokenizer_files = gpt2_tokenizer_files(model.config.block_size)
+    tmp, old = f"{export_dir}.tmp", f"{export_dir}.old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
+    for name, data in (tokenizer_files or {}).items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+    written = sorted(os.listdir(tmp))
+    if os.path.exists(export_dir):
+        os.replace(export_dir, old)
+    os.replace(tmp, export_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return written
 
 
 # --- distributed setup ---
@@ -591,17 +738,47 @@ def evaluate_loss(model, loader, steps, device, autocast):
     return (totals[0] / totals[1]).item()
 
 
-SAMPLE_PROMPT = "Hello, I'm a language model,"
+def check_sampling(cfg):
+    """One-line errors for sampling settings that generate() cannot use."""
+    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 1)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least {low}")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature={cfg.temperature}: must be > 0 (for greedy decoding pass --top_k=1)")
 
 
-def print_samples(model, enc, device, autocast, seed, num_samples=4, max_new_tokens=32):
-    """A few top-k samples from a fixed prompt and seed, so they can be compared across steps."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    prompt = enc.encode_ordinary(SAMPLE_PROMPT)
-    tokens, _ = generate(model, prompt, num_samples, max_new_tokens, top_k=50, generator=generator,
-                         vocab_limit=enc.n_vocab, autocast=autocast)
-    for i, row in enumerate(tokens.tolist()):
-        print(f"sample {i}: {SAMPLE_PROMPT}{enc.decode(row)!r}")
+def print_samples(model, enc, device, autocast, cfg):
+    """Prints cfg.num_samples samples of cfg.prompt, seeded with cfg.seed so they can be compared across steps.
+
+    The training loop's periodic samples and --mode=sample both come from here. Returns one
+    record per sample: the prompt, the completion's text and token ids, and the mean
+    log-probability and perplexity of the sampled tokens (see generate for which distribution).
+    """
+    prompt = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # GPT-2's unconditional samples start at <|endoftext|>
+    room = model.config.block_size - cfg.max_new_tokens
+    if room < 1:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's block_size="
+                        f"{model.config.block_size}: pass --max_new_tokens={model.config.block_size // 2} or less")
+    if len(prompt) > room:
+        print(f"warning: the prompt has {len(prompt)} tokens and {cfg.max_new_tokens} new ones must fit in block_size="
+              f"{model.config.block_size}: keeping its last {room} tokens")
+        prompt = prompt[-room:]
+    if max(prompt) >= model.config.vocab_size:
+        raise UserError(f"the prompt has token id {max(prompt)} >= the model's vocab_size={model.config.vocab_size}: this "
+                        f"model cannot read GPT-2 text (when training it, pass --sample_every=0)")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    tokens, logprobs = generate(model, prompt, cfg.num_samples, cfg.max_new_tokens, top_k=cfg.top_k,
+                                temperature=cfg.temperature, generator=generator,
+                                vocab_limit=min(enc.n_vocab, model.config.vocab_size), autocast=autocast)
+    prompt_text = enc.decode(prompt)
+    records = []
+    for i, (row, row_logprobs) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
+        completion = enc.decode(row)
+        print(f"sample {i}: {prompt_text + completion!r}")  # repr: one line per sample, whatever the text holds
+        mean_logprob = sum(row_logprobs) / len(row_logprobs)
+        records.append({"prompt": prompt_text, "completion": completion, "tokens": row,
+                        "mean_logprob": mean_logprob, "perplexity": math.exp(-mean_logprob)})
+    return records
 
 
 # --- train ---
@@ -630,6 +807,48 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
+def make_autocast(dtype, device):
+    """(a function returning the autocast context for --dtype, whether it is bfloat16); auto = bfloat16 on CUDA only."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"--dtype={dtype}: expected auto, float32 or bfloat16")
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    return autocast, use_bf16
+
+
+def make_plotter(log_file, out_file):
+    """A function that redraws out_file from log_file. A failure is reported once and never stops training."""
+    failed = False
+
+    def refresh():
+        nonlocal failed
+        if failed:
+            return
+        try:
+            import plot  # matplotlib is imported only here, and only on rank 0
+            plot.plot_log(log_file, out_file)
+        except Exception as e:
+            failed = True
+            print(f"warning: cannot draw {out_file} ({type(e).__name__}: {e}); training goes on without the plot")
+
+    return refresh
+
+
+def start_wandb(cfg):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_log=1 but wandb is not installed: pip install wandb (then wandb login), "
+                        "or pass --wandb_log=0") from None
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
+
+
 def is_due(every, step, last):
     return every > 0 and (step % every == 0 or last)
 
@@ -645,6 +864,21 @@ def resume_config(cfg, overridden, saved, path):
     for k in set(overridden) | set(LOCAL_KEYS):
         setattr(merged, k, getattr(cfg, k))
     return merged
+
+
+def hf_config(cfg, overridden, model, name):
+    """cfg with the model fields of a Hugging Face GPT-2 (`model`, already loaded as ours).
+
+    Overrides may only repeat them, except a shorter --block_size, which keeps the first
+    position embeddings (fine-tuning with a shorter context).
+    """
+    theirs = dataclasses.asdict(model.config)
+    for k in MODEL_KEYS:
+        if k in overridden and getattr(cfg, k) != theirs[k] and not (k == "block_size" and cfg.block_size < theirs[k]):
+            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with {name}, which has {k}={theirs[k]}: drop --{k}")
+    if cfg.block_size < theirs["block_size"] and "block_size" in overridden:
+        model.crop_block_size(cfg.block_size)
+    return dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_KEYS})
 
 
 def grad_accum_steps(cfg, world_size):
@@ -667,7 +901,8 @@ def prepare_log_dir(log_dir, start_step):
         lines = []
         if os.path.exists(log_file):
             with open(log_file) as f:
-                lines = [line for line in f if line.split(" ", 1)[0].isdigit() and int(line.split(" ", 1)[0]) < start_step]
+                lines = [line for line in f if line.endswith("\n") and line.split(" ", 1)[0].isdigit()
+                         and int(line.split(" ", 1)[0]) < start_step]  # a line cut short by a kill is dropped
         with open(log_file + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(log_file + ".tmp", log_file)
@@ -688,18 +923,22 @@ def train(cfg, overridden):
 def run_training(cfg, overridden, d):
     say = print if d.is_master else (lambda *args, **kwargs: None)
 
-    # where to start: a checkpoint's complete state, or a fresh model
-    path = None
+    # where to start: a checkpoint's complete state, a Hugging Face GPT-2's weights, or a fresh model
+    path = hf_model = None
     if cfg.init_from == "resume":
         found = list_checkpoints(cfg.log_dir)
         path = found[-1][1] if found else None
         if path is None:
             say(f"init_from=resume: no checkpoint in {cfg.log_dir}/, starting from scratch")
-    elif cfg.init_from == "scratch":
+    elif cfg.init_from == "scratch" or is_hf_model(cfg.init_from):
         found = list_checkpoints(cfg.log_dir)
         if found:
             raise UserError(f"log_dir {cfg.log_dir}/ already holds checkpoints (newest {found[-1][1]}): "
                             f"pass --init_from=resume to continue that run, or another --log_dir")
+        if cfg.init_from != "scratch":
+            hf_model = load_hf_model(cfg.init_from)
+            cfg = hf_config(cfg, overridden, hf_model, cfg.init_from)
+            say(f"fine-tuning {cfg.init_from}: its weights, from step 0 with a fresh optimizer")
     else:
         path = cfg.init_from
     ckpt = load_checkpoint(path) if path else None
@@ -712,16 +951,7 @@ def run_training(cfg, overridden, d):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = d.device
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"--dtype={cfg.dtype}: expected auto, float32 or bfloat16")
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
-        torch.backends.cudnn.allow_tf32 = True
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
+    autocast, use_bf16 = make_autocast(cfg.dtype, device)
     B, T = cfg.micro_batch_size, cfg.block_size
     grad_accum = grad_accum_steps(cfg, d.world_size)
     model_cfg = model_config(cfg)
@@ -734,9 +964,13 @@ def run_training(cfg, overridden, d):
     enc = None
     if cfg.sample_every and d.is_master:
         import tiktoken
+        check_sampling(cfg)
         enc = tiktoken.get_encoding("gpt2")
+    wandb_run = None
+    if cfg.wandb_log and d.is_master:
+        wandb_run = start_wandb(cfg)
 
-    raw_model = GPT(model_cfg)
+    raw_model = hf_model if hf_model is not None else GPT(model_cfg)
     start_step = 0
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
@@ -771,19 +1005,32 @@ def run_training(cfg, overridden, d):
             with open(log_file, "a") as f:
                 f.write(line + "\n")
 
+    def metrics(step, **values):
+        if wandb_run:
+            wandb_run.log(values, step=step)
+
+    refresh_plot = make_plotter(log_file, os.path.join(cfg.log_dir, "log.png")) if log_file else (lambda: None)
+
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
+        evaluated = False
         if val_loader and is_due(cfg.val_every, step, last):
             val_loss = evaluate_loss(model, val_loader, cfg.val_steps, device, autocast)
             say(f"step {step:6d} | val loss {val_loss:.4f}")
             log(f"{step} val {val_loss:.4f}")
+            metrics(step, **{"val/loss": val_loss})
+            evaluated = True
         if hella_examples and is_due(cfg.hellaswag_every, step, last):
             result = hellaswag.evaluate(raw_model, hella_examples, device, autocast=autocast,
                                         rank=d.rank, world_size=d.world_size)
             say(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
             log(f"{step} hella {result['acc_norm']:.4f}")
+            metrics(step, **{"hellaswag/acc_norm": result["acc_norm"]})
+            evaluated = True
+        if evaluated:
+            refresh_plot()
         if enc and is_due(cfg.sample_every, step, last):
-            print_samples(raw_model, enc, device, autocast, cfg.seed)
+            print_samples(raw_model, enc, device, autocast, cfg)
         if last:
             break
 
@@ -810,13 +1057,12 @@ def run_training(cfg, overridden, d):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_value, norm_value = loss_accum.item(), norm.item()  # the same on every rank
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            if not cfg.skip_nonfinite:
-                raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
-                                f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
-            say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped")
-            continue
-        optimizer.step()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            optimizer.step()
+        elif not cfg.skip_nonfinite:
+            raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
+                            f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
         if device.type == "cuda":
             torch.cuda.synchronize()
         elif device.type == "mps":
@@ -824,9 +1070,13 @@ def run_training(cfg, overridden, d):
         dt = time.time() - t0
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
-        say(f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:7.4f} | "
-            f"dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}")
-        log(f"{step} train {loss_value:.6f}")
+        if finite:
+            say(f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:7.4f} | "
+                f"dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}")
+            log(f"{step} train {loss_value:.6f}")
+            metrics(step, **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens_per_sec": tokens_per_sec})
+        else:
+            say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
 
         completed = step + 1
         if cfg.checkpoint_every and (completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps):
@@ -845,13 +1095,75 @@ def run_training(cfg, overridden, d):
                 if cfg.keep_checkpoints:
                     for _, old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
                         os.remove(old)
+    if wandb_run:
+        wandb_run.finish()
+
+
+# --- sample and export ---
+
+
+def model_to_use(cfg):
+    """The checkpoint or Hugging Face model that --mode=sample and --mode=export read."""
+    if cfg.init_from == "scratch":
+        raise UserError(f"--mode={cfg.mode} needs a model: pass --init_from=resume (newest checkpoint in --log_dir), "
+                        f"a model_XXXXX.pt path, or a Hugging Face GPT-2 such as gpt2")
+    if cfg.init_from != "resume":
+        return cfg.init_from
+    found = list_checkpoints(cfg.log_dir)
+    if not found:
+        raise UserError(f"--init_from=resume: no checkpoint in {cfg.log_dir}/: pass --log_dir or a model_XXXXX.pt path")
+    return found[-1][1]
+
+
+def sample(cfg):
+    """--mode=sample: prints samples of cfg.prompt and, with --samples_file, writes them as JSON lines."""
+    import json
+
+    import tiktoken
+
+    check_sampling(cfg)
+    device = resolve_device(cfg.device)
+    autocast, _ = make_autocast(cfg.dtype, device)
+    enc = tiktoken.get_encoding("gpt2")
+    source = model_to_use(cfg)
+    model = load_model(source, device).eval()
+    print(f"sampling from {source}: top_k={cfg.top_k} temperature={cfg.temperature} seed={cfg.seed}")
+    records = print_samples(model, enc, device, autocast, cfg)
+    if cfg.samples_file:
+        tmp = f"{cfg.samples_file}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, cfg.samples_file)
+        print(f"wrote {len(records)} samples to {cfg.samples_file}")
+
+
+def export(cfg):
+    """--mode=export: our checkpoint as a directory transformers loads with from_pretrained."""
+    if not cfg.export_dir:
+        raise UserError("--mode=export needs --export_dir=DIR, the directory to write the Hugging Face model to")
+    source = model_to_use(cfg)
+    written = export_hf(load_model(source), cfg.export_dir)
+    print(f"exported {source} to {cfg.export_dir}/: {', '.join(written)}")
+    if "vocab.json" not in written:
+        print("warning: tiktoken could not get GPT-2's tokenizer files (no network, no TIKTOKEN_CACHE_DIR), so none were "
+              "written; AutoTokenizer.from_pretrained('gpt2') is the same tokenizer")
 
 
 def main(cfg, overridden):
-    if cfg.init_from != "scratch" and cfg.init_from != "resume" and not os.path.exists(cfg.init_from):
-        raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, or a model_XXXXX.pt path")
-    train(cfg, overridden)
+    if cfg.init_from not in ("scratch", "resume") and not os.path.exists(cfg.init_from) and not is_hf_model(cfg.init_from):
+        raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, a model_XXXXX.pt path, "
+                        f"a Hugging Face GPT-2 name ({', '.join(HF_HUB_NAMES)}) or a directory saved by transformers")
+    if cfg.mode == "train":
+        train(cfg, overridden)
+    elif cfg.mode == "sample":
+        sample(cfg)
+    elif cfg.mode == "export":
+        export(cfg)
+    else:
+        raise UserError(f"--mode={cfg.mode}: expected train, sample or export")
 
 
 if __name__ == "__main__":
+    # hellaswag.py and plot.py import gpt2: let them share this module (and its UserError) instead of a second copy
+    sys.modules.setdefault("gpt2", sys.modules["__main__"])
     run_cli(main, Config(), sys.argv[1:])

@@ -29,7 +29,7 @@ class Config:
     vocab_size: int = 50304
     device: str = "cpu"  # auto | cpu | cuda | mps
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
-    compile: bool = False  # also torch.compile our model
+    compile: bool = False  # also time our model under torch.compile
     warmup: int = 2  # untimed steps per model
     steps: int = 5  # timed steps per model, alternating
 
@@ -60,15 +60,15 @@ def main(cfg, _):
     hf.train()
     opt_ours = ours.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, device.type)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    model_ours = torch.compile(ours) if cfg.compile else ours
+    compiled = torch.compile(ours) if cfg.compile else None
     bf16 = cfg.dtype == "bfloat16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     x = torch.randint(0, 50257, (cfg.B, cfg.T + 1), device=device)
 
-    def step_ours():
+    def step_ours(model=ours):
         opt_ours.zero_grad(set_to_none=True)
         with autocast():
-            _, loss = model_ours(x[:, :-1], x[:, 1:])
+            _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt_ours.step()
 
@@ -78,6 +78,10 @@ def main(cfg, _):
             loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # HF shifts the labels itself
         loss.backward()
         opt_hf.step()
+
+    steps = {"ours": step_ours, "hf": step_hf}
+    if compiled is not None:
+        steps["compiled"] = lambda: step_ours(compiled)
 
     def timed(step, n):
         if device.type == "cuda":
@@ -89,20 +93,23 @@ def main(cfg, _):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    for _ in range(cfg.warmup):
-        step_ours()
-        step_hf()
-    spent = {"ours": 0.0, "hf": 0.0}
-    for _ in range(cfg.steps):  # alternate, so both see the same machine load
-        spent["ours"] += timed(step_ours, 1)
-        spent["hf"] += timed(step_hf, 1)
+    for step in steps.values():
+        for _ in range(cfg.warmup):
+            step()
+    spent = dict.fromkeys(steps, 0.0)
+    for _ in range(cfg.steps):  # take turns, so all see the same machine load
+        for name, step in steps.items():
+            spent[name] += timed(step, 1)
     tokens = cfg.B * cfg.T * cfg.steps
     print(machine(device))
     print(f"config: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, T={cfg.T}, B={cfg.B}, "
-          f"vocab {cfg.vocab_size}, {cfg.dtype}, AdamW, compile={int(cfg.compile)}")
+          f"vocab {cfg.vocab_size}, {cfg.dtype}, AdamW")
     print(f"ours (gpt2.GPT)             {tokens / spent['ours']:10.0f} tokens/s")
     print(f"transformers GPT2LMHeadModel {tokens / spent['hf']:9.0f} tokens/s")
     print(f"ratio ours/transformers: {spent['hf'] / spent['ours']:.2f}x")
+    if compiled is not None:
+        print(f"ours, torch.compile         {tokens / spent['compiled']:10.0f} tokens/s")
+        print(f"compile speed-up: {spent['ours'] / spent['compiled']:.2f}x")
 
 
 if __name__ == "__main__":
