@@ -194,7 +194,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True  # see GPT._init_weights
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -206,7 +206,10 @@ class CausalSelfAttention(nn.Module):
             if kv_cache.pos > 0 and T != 1:
                 raise ValueError("with a non-empty KV cache, feed one token at a time")
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, pos + T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, T, hs)
+        if attn_mask is not None:  # (B, 1, T, T), True where a query may attend: replaces the causal mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -233,8 +236,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -270,24 +273,34 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """Logits (B, T, vocab_size) and the mean loss if targets are given; last_only: logits (B, 1, vocab_size)
         of the last position only, all that generation needs (the vocabulary matmul is the largest one)."""
-        B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
+        x = self.hidden_states(idx, kv_cache=kv_cache)  # (B, T, C)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
-        x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
+        """The final LayerNorm's output (B, T, C), before the vocabulary projection.
+
+        By default token t sits at position t (after any cached tokens) and sees tokens 0..t. `pos` (B, T) and
+        `attn_mask` (B, 1, T, T) replace both, so several sequences can share one row (hellaswag.py packs a
+        context with its four endings).
+        """
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)
 
     def crop_block_size(self, block_size):
         """Keeps the first block_size position embeddings, to use a pretrained model with a shorter context."""

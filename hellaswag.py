@@ -217,27 +217,6 @@ def pack(examples, block_size, device):
     return idx, pos, mask[:, None], as_tensor(sources), as_tensor(targets), as_tensor(owners)
 
 
-def masked_attention(attn, x, mask):
-    """CausalSelfAttention.forward with an explicit attention mask instead of the causal one."""
-    B, T, C = x.size()
-    q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-    q, k, v = (z.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-def hidden_states(model, idx, pos, mask):
-    """GPT.forward up to the final LayerNorm, with given positions and attention mask. The lm_head
-    is left out: the caller applies it only where an ending token is predicted, because over the
-    whole vocabulary at every position it is much of the cost."""
-    t = model.transformer
-    x = t.wte(idx) + t.wpe(pos)  # (B, T, C)
-    for block in t.h:
-        x = x + masked_attention(block.attn, block.ln_1(x), mask)
-        x = x + block.mlp(block.ln_2(x))
-    return t.ln_f(x)  # (B, T, C)
-
-
 @torch.no_grad()
 def score(model, examples, device, autocast=nullcontext, batch_size=16, progress=False):
     """Summed cross-entropy of each ending's tokens, and their number: two (N, 4) tensors on the CPU."""
@@ -260,7 +239,9 @@ def score(model, examples, device, autocast=nullcontext, batch_size=16, progress
             batch = [examples[i] for i in chosen]
             idx, pos, mask, sources, targets, owners = pack(batch, model.config.block_size, device)
             with autocast():
-                h = hidden_states(model, idx, pos, mask)  # (B, T, C)
+                # the lm_head is left out: it runs below only where an ending token is predicted, because over
+                # the whole vocabulary at every position it would be much of the cost
+                h = model.hidden_states(idx, pos=pos, attn_mask=mask)  # (B, T, C)
                 logits = model.lm_head(h.flatten(0, 1)[sources])  # (M, vocab_size), M ending tokens
             losses = F.cross_entropy(logits[:, :GPT2_VOCAB].float(), targets, reduction="none")  # (M,)
             batch_sums = torch.zeros(4 * len(batch), device=device).index_add_(0, owners, losses)  # (4B,)
