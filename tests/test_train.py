@@ -176,3 +176,28 @@ def test_checkpoint_conflicting_with_overrides_is_refused(shards, tmp_path):
     proc = train(shards, tmp_path / "log", "--init_from=resume", "--n_embd=64", check=False)
     assert proc.returncode == 1
     assert "--n_embd=64 conflicts with checkpoint" in proc.stderr and "n_embd=32" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compile_keeps_validation_hellaswag_and_sampling_working(tmp_path):
+    # build-nanogpt's torch.compile breaks its HellaSwag and sampling; here they run on the uncompiled module
+    from conftest import write_shards
+    from test_hellaswag import ROWS, write_jsonl
+
+    data = tmp_path / "data"
+    write_shards(data, [3000], "val", vocab_size=50257, seed=1)
+    write_shards(data, [9000], "train", vocab_size=50257, seed=2, start_index=1)
+    hella = write_jsonl(tmp_path / "hellaswag_val.jsonl", ROWS)
+    common = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--micro_batch_size=2", "--device=cpu",
+              "--total_batch_size=128", "--max_steps=2", "--val_every=1", "--val_steps=2", "--hellaswag_every=1",
+              f"--hellaswag_file={hella}", "--sample_every=1", "--num_samples=2", "--max_new_tokens=4",
+              "--checkpoint_every=0", f"--data_dir={data}"]
+    outputs = {}
+    for flag in (0, 1):
+        outputs[flag] = run_gpt2(*common, f"--compile={flag}", f"--log_dir={tmp_path / str(flag)}").stdout
+    eager, compiled = read_log(tmp_path / "0"), read_log(tmp_path / "1")
+    assert {kind for _, kind in compiled} == {"train", "val", "hella"}
+    assert_logs_close(compiled, eager, atol=1e-4)
+    samples = lambda out: [line for line in out.splitlines() if line.startswith("sample ")]
+    assert len(samples(outputs[1])) == 3 * 2  # at steps 0, 1 and 2
+    assert samples(outputs[1]) == samples(outputs[0])
