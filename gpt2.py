@@ -717,7 +717,12 @@ def setup_distributed(device_name):
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # torchrun --max-restarts keeps one key-value store across restarts; without a prefix of their own, the
+    # restarted ranks read the dead ranks' addresses and gloo hangs connecting to them
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world_size)
     return Dist(rank, local_rank, world_size, device)
 
 
