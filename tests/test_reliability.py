@@ -109,14 +109,20 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes(shards, tmp_path)
                 found.append(int(pid))
         return found
 
-    deadline = time.time() + 240
-    while not list_checkpoints(restarted) and time.time() < deadline and torchrun.poll() is None:
-        time.sleep(0.05)
-    assert list_checkpoints(restarted), "no checkpoint appeared"
-    victims = workers()
-    assert len(victims) == 2
-    os.kill(victims[1], signal.SIGKILL)  # one rank dies mid-run
-    out, _ = torchrun.communicate(timeout=300)
+    try:
+        deadline = time.time() + 240
+        while not list_checkpoints(restarted) and time.time() < deadline and torchrun.poll() is None:
+            time.sleep(0.05)
+        assert list_checkpoints(restarted), "no checkpoint appeared"
+        victims = workers()
+        assert len(victims) == 2
+        os.kill(victims[1], signal.SIGKILL)  # one rank dies mid-run
+        out, _ = torchrun.communicate(timeout=300)
+    finally:  # never leave a hung group behind
+        if torchrun.poll() is None:
+            for pid in workers():
+                os.kill(pid, signal.SIGKILL)
+            torchrun.kill()
     assert torchrun.returncode == 0, out
     assert "resuming from" in out
     assert list_checkpoints(restarted)[-1][0] == 12
