@@ -12,6 +12,8 @@ The only download is tiktoken's GPT-2 tokenizer files, once (or set TIKTOKEN_CAC
 """
 
 import ast
+import glob
+import hashlib
 import itertools
 import json
 import os
@@ -20,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -122,20 +126,59 @@ def summarize(log_file):
     return ", ".join(parts), series
 
 
+# GPT-2's tokenizer file, for a machine that reaches PyPI and nothing else: openai-whisper's source release
+# ships it as whisper/assets/gpt2.tiktoken, byte for byte tiktoken's r50k_base.tiktoken (checked by its SHA-256)
+WHISPER_SDIST = "openai-whisper==20250625"
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def install_tokenizer_file(data, cache_dir):
+    """Puts r50k_base.tiktoken's bytes where tiktoken looks for them (its cache names files by the URL's SHA-1)."""
+    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+        sys.exit("demo: the tokenizer file from PyPI does not match r50k_base.tiktoken's SHA-256; set TIKTOKEN_CACHE_DIR")
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, hashlib.sha1(R50K_URL.encode()).hexdigest())
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def ensure_tokenizer(demo_dir):
+    """GPT-2's tokenizer for this process and the scripts it runs: tiktoken's own download or cache if it works,
+    else the copy on PyPI (see WHISPER_SDIST)."""
+    from gpt2 import get_tokenizer
+
+    try:
+        get_tokenizer()
+        return
+    except Exception as e:  # no route to tiktoken's host: fall back to PyPI, the one network this demo relies on
+        reason = type(e).__name__
+    cache_dir = os.path.join(demo_dir, "tiktoken_cache")
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    try:
+        get_tokenizer()  # fetched on an earlier run
+        return
+    except Exception:
+        pass
+    print(f"0. tiktoken could not fetch GPT-2's tokenizer ({reason}): taking it from PyPI ({WHISPER_SDIST})")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
+                        "--dest", tmp, WHISPER_SDIST], check=True)
+        with tarfile.open(glob.glob(os.path.join(tmp, "*.tar.gz"))[0]) as sdist:
+            member = next(m for m in sdist.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
+            install_tokenizer_file(sdist.extractfile(member).read(), cache_dir)
+    get_tokenizer()
+
+
 def main(cfg, overridden):
     if cfg.quick:
         for k, v in QUICK.items():
             if k not in overridden:
                 setattr(cfg, k, v)
     t0 = time.time()
-    import tiktoken
-
-    try:
-        tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        sys.exit(f"demo: tiktoken cannot load GPT-2's tokenizer ({type(e).__name__}): allow one download from "
-                 f"openaipublic.blob.core.windows.net, or set TIKTOKEN_CACHE_DIR to a folder that holds its files")
     demo_dir = os.path.abspath(cfg.demo_dir)
+    ensure_tokenizer(demo_dir)
     data_dir, log_dir = os.path.join(demo_dir, "data"), os.path.join(demo_dir, "log")
     corpus = os.path.join(demo_dir, "corpus.jsonl")
     os.makedirs(demo_dir, exist_ok=True)

@@ -51,7 +51,7 @@ class Config:
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
-TOKENIZER = "gpt2"  # tiktoken encoding; its <|endoftext|> (50256) starts every document
+TOKENIZER = "r50k_base"  # gpt2.TOKENIZER: GPT-2's BPE; its <|endoftext|> (50256) starts every document
 SHARD_PREFIX = "edufineweb"  # shard names: {SHARD_PREFIX}_{val|train}_{index:06d}.npy, index counting over both splits
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^\w+_(val|train)_\d{6}\.npy$")  # what --overwrite=1 deletes, with the manifest and our temp files

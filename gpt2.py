@@ -370,6 +370,17 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
 
 # --- data ---
 
+# GPT-2's tokenizer. tiktoken's "r50k_base" is the very BPE of its "gpt2" (same merges, split pattern and
+# <|endoftext|> = 50256) but loads from one file, which PyPI also carries (demo.py uses that)
+TOKENIZER = "r50k_base"
+
+
+def get_tokenizer():
+    import tiktoken  # only the scripts that turn text into tokens need it
+
+    return tiktoken.get_encoding(TOKENIZER)
+
+
 
 def find_shards(data_dir, split):
     """The shard files of one split ("train" or "val"), in sorted name order."""
@@ -981,9 +992,8 @@ def run_training(cfg, overridden, d):
         hella_examples = hellaswag.load_examples("val", cfg.hellaswag_file or None, is_master=d.is_master)
     enc = None
     if cfg.sample_every and d.is_master:
-        import tiktoken
         check_sampling(cfg)
-        enc = tiktoken.get_encoding("gpt2")
+        enc = get_tokenizer()
     wandb_run = None
     if cfg.wandb_log and d.is_master:
         wandb_run = start_wandb(cfg)
@@ -1137,12 +1147,10 @@ def sample(cfg):
     """--mode=sample: prints samples of cfg.prompt and, with --samples_file, writes them as JSON lines."""
     import json
 
-    import tiktoken
-
     check_sampling(cfg)
     device = resolve_device(cfg.device)
     autocast, _ = make_autocast(cfg.dtype, device)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_tokenizer()
     source = model_to_use(cfg)
     model = load_model(source, device).eval()
     print(f"sampling from {source}: top_k={cfg.top_k} temperature={cfg.temperature} seed={cfg.seed}")

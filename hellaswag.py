@@ -32,6 +32,7 @@ from gpt2 import (
     GPT2_VOCAB,
     UserError,
     all_reduce_sum,
+    get_tokenizer,
     load_hf_model,
     load_model,
     make_autocast,
@@ -153,8 +154,6 @@ def render(row, enc):
 
 def load_examples(split="val", data_file=None, *, is_master=True, cache_dir=None, url=DATA_URL, limit=0):
     """The examples of one split as token ids: read from data_file if given, else from the download cache."""
-    import tiktoken
-
     if data_file:
         if not os.path.isfile(data_file):
             raise UserError(f"data file {data_file} does not exist: pass the path of a local hellaswag_{split}.jsonl, "
@@ -168,7 +167,7 @@ def load_examples(split="val", data_file=None, *, is_master=True, cache_dir=None
     rows = read_jsonl(path, fix)
     if limit > 0:
         rows = rows[:limit]
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_tokenizer()
     return [render(row, enc) for row in rows]
 
 

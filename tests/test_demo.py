@@ -52,3 +52,21 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     samples = [json.loads(line) for line in (demo_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(len(s["tokens"]) == 48 for s in samples)
     assert proc.stdout.count("\nsample ") == 3
+
+
+def test_tokenizer_file_from_pypi_serves_tiktoken(tmp_path):
+    # the bytes demo.py takes from openai-whisper's sdist are r50k_base.tiktoken; here they come from tiktoken's
+    # cache, and a fresh process must load GPT-2's tokenizer from the folder demo.py writes, and only from there
+    import tiktoken
+    from tiktoken.load import read_file_cached
+
+    import fineweb
+    import gpt2
+
+    assert fineweb.TOKENIZER == gpt2.TOKENIZER == "r50k_base"
+    demo.install_tokenizer_file(read_file_cached(demo.R50K_URL, demo.R50K_SHA256), str(tmp_path / "cache"))
+    text = "GPT-2's tokenizer: <|endoftext|> is ordinary text here, 12345 tokens."
+    code = f"import tiktoken; print(tiktoken.get_encoding('r50k_base').encode_ordinary({text!r}))"
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tiktoken.get_encoding("gpt2").encode_ordinary(text))
