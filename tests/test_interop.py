@@ -31,8 +31,12 @@ def train_checkpoint(tmp_path, shards, *args):
     return gpt2.checkpoint_path(log_dir, 2)
 
 
-def test_hf_directory_loads_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_directory_loads_with_the_same_logits(tmp_path, weights_file):
     hf = save_hf_model(tmp_path / "hf")
+    if weights_file == "pytorch_model.bin":  # the older format, as many directories on the hub still hold it
+        torch.save(hf.state_dict(), tmp_path / "hf" / weights_file)
+        os.remove(tmp_path / "hf" / "model.safetensors")
     assert gpt2.is_hf_model(str(tmp_path / "hf")) and gpt2.is_hf_model("gpt2-xl") and not gpt2.is_hf_model(str(tmp_path))
     model = gpt2.load_model(str(tmp_path / "hf"))
     assert model.config == gpt2.GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32)
