@@ -381,3 +381,28 @@ def test_gpt2_trains_on_the_shards(shards_for_gpt2, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (log / "log.txt").read_text().splitlines()
     assert any(line.startswith("0 train") for line in lines)
+
+
+def test_sigkill_during_shard_writes_resumes_byte_identical(tmp_path):
+    texts = make_docs(6000, seed=5, mean_words=60)
+    src = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=200)
+    settings = {"shard_size": 40_000, "val_tokens": 20_000, "num_proc": 1, "batch_docs": 64}
+    fineweb.main(config(src, tmp_path / "ref", **settings))
+    out = tmp_path / "out"
+    args = [f"--data_files={src}", f"--out_dir={out}", *(f"--{k}={v}" for k, v in settings.items())]
+    writing = lambda: out.exists() and any(n.endswith(".tmp") for n in os.listdir(out))
+    mid_write = 0
+    for _ in range(6):  # each run is killed the moment a shard's (or the manifest's) temporary file appears
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "fineweb.py"), *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline and not writing():
+            time.sleep(0.0005)
+        proc.kill()
+        proc.wait()
+        mid_write += writing()  # the temporary file is still there: the kill came mid-write
+        if os.path.exists(out / "manifest.json") and manifest(out).get("complete"):
+            break
+    assert mid_write >= 1
+    fineweb.main(config(src, out, **settings))
+    assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
