@@ -25,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from machine import cpu_name
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- config ---
@@ -50,12 +52,7 @@ def machine():
     import pyarrow
     import tiktoken
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"CPU: {cpu}, {cores} cores usable ({os.cpu_count()} online), {platform.system()} {platform.release()}\n"
             f"Python {platform.python_version()}, numpy {numpy.__version__}, tiktoken {tiktoken.__version__}, "

@@ -9,12 +9,12 @@ length so far; with it, each new token is one position's forward pass.
 """
 
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from machine import describe  # noqa: E402
 
 
 @dataclass
@@ -32,14 +32,6 @@ class BenchConfig:
     seed: int = 0
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def run(cfg, overridden):
     import torch
 
@@ -48,8 +40,7 @@ def run(cfg, overridden):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = gpt2.resolve_device(cfg.device)
-    print(f"machine: {cpu_name()} | {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads | "
-          f"torch {torch.__version__} | {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"machine: {describe(device)} | running on {device}")
     torch.manual_seed(cfg.seed)
     model = gpt2.GPT(gpt2.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                                     n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device).eval()

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from machine import describe  # noqa: E402
+
 import gpt2  # noqa: E402
 
 
@@ -74,11 +76,11 @@ def main(cfg, _):
         print("bench_gpu: no CUDA GPU here, skipped")
         return
     torch.set_float32_matmul_precision("high")
-    name = torch.cuda.get_device_name()
     peak = gpt2.peak_flops(torch.device("cuda"))
     flops_per_token = gpt2.GPT(gpt2.GPTConfig(vocab_size=50304)).flops_per_token(1024)
     tokens = cfg.B * 1024 * cfg.grad_accum
-    print(f"{name} | torch {torch.__version__} | GPT-2 124M, T=1024, micro batch {cfg.B} x {cfg.grad_accum} micro-steps")
+    print(describe(torch.device("cuda")))
+    print(f"GPT-2 124M, T=1024, micro batch {cfg.B} x {cfg.grad_accum} micro-steps")
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for split, n in (("val", 2_000_000), ("train", 50_000_000)):

@@ -11,7 +11,6 @@ The three methods run on the same chunks of examples in turn, so a busy machine 
 
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from machine import describe  # noqa: E402
 
 import gpt2  # noqa: E402
 import hellaswag  # noqa: E402
@@ -93,16 +94,6 @@ def one_per_forward(model, example, device):
     return losses.sum(1).cpu(), (losses.sum(1) / mask[:, 1:].sum(1)).cpu()
 
 
-def machine(device):
-    cpu = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpu = f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{cpu} | {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
-            f"python {platform.python_version()}{gpu}")
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -120,7 +111,7 @@ def main(cfg, overridden):
         examples = hellaswag.load_examples("val", path)
     ctx = sum(len(ex.context) for ex in examples) / len(examples)
     end = sum(len(e) for ex in examples for e in ex.endings) / (4 * len(examples))
-    print(machine(device))
+    print(describe(device))
     print(f"model: {model.num_params() / 1e6:.0f}M parameters ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab "
           f"{cfg.vocab_size}), float32, random init | {len(examples)} examples, mean context {ctx:.0f} tokens, "
           f"mean ending {end:.0f} tokens")

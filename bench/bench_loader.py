@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from machine import describe  # noqa: E402
+
 from gpt2 import DataLoaderLite, run_cli  # noqa: E402
 
 
@@ -45,6 +47,7 @@ def main(cfg, _):
             batches += 1
         elapsed = time.perf_counter() - start
     rate = batches * cfg.B * cfg.T / elapsed
+    print(describe())
     print(f"DataLoaderLite, one thread, B={cfg.B} T={cfg.T}, {loader.total:,} tokens in {len(loader.paths)} shards: "
           f"{rate / 1e6:.0f}M tokens/s ({1e3 * elapsed / batches:.2f} ms per batch)")
 

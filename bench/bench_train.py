@@ -7,7 +7,6 @@ Same config, batch, dtype, weights and optimizer hyperparameters; each model run
 """
 
 import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from machine import describe  # noqa: E402
+
 from gpt2 import GPT, HF_TRANSPOSED, GPTConfig, resolve_device, run_cli  # noqa: E402
 
 
@@ -32,15 +33,6 @@ class Config:
     compile: bool = False  # also time our model under torch.compile
     warmup: int = 2  # untimed steps per model
     steps: int = 5  # timed steps per model, alternating
-
-
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpu = f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{cpu} | {os.cpu_count()} cores | torch {torch.__version__} {torch.get_num_threads()} threads{gpu}"
 
 
 def main(cfg, _):
@@ -101,7 +93,7 @@ def main(cfg, _):
         for name, step in steps.items():
             spent[name] += timed(step, 1)
     tokens = cfg.B * cfg.T * cfg.steps
-    print(machine(device))
+    print(describe(device))
     print(f"config: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, T={cfg.T}, B={cfg.B}, "
           f"vocab {cfg.vocab_size}, {cfg.dtype}, AdamW")
     print(f"ours (gpt2.GPT)             {tokens / spent['ours']:10.0f} tokens/s")
