@@ -55,7 +55,7 @@ def main(cfg, _):
     compiled = torch.compile(ours) if cfg.compile else None
     bf16 = cfg.dtype == "bfloat16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    x = torch.randint(0, 50257, (cfg.B, cfg.T + 1), device=device)
+    x = torch.randint(0, min(cfg.vocab_size, 50257), (cfg.B, cfg.T + 1), device=device)
 
     def step_ours(model=ours):
         opt_ours.zero_grad(set_to_none=True)
