@@ -1084,7 +1084,7 @@ def run_training(cfg, overridden, d):
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_value, norm_value = loss_accum.item(), norm.item()  # the same on every rank
+        loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
             optimizer.step()

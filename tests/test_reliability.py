@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY, read_log, run_gpt2
+from conftest import ROOT, TINY, read_log, run_gpt2, write_shards
 
 from gpt2 import list_checkpoints
 
@@ -21,8 +21,6 @@ CRASH = [a for a in TINY if not a.startswith("--vocab_size")] + [
 
 @pytest.fixture
 def big_vocab_shards(tmp_path):
-    from conftest import write_shards
-
     data_dir = str(tmp_path / "data")
     write_shards(data_dir, [4000], "val", vocab_size=50257, seed=1)
     write_shards(data_dir, [9000, 3000], "train", vocab_size=50257, seed=2, start_index=1)

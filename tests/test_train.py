@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_log, run_gpt2
+from conftest import TINY, read_log, run_gpt2, write_shards
 
 from gpt2 import list_checkpoints, load_checkpoint
 
@@ -181,7 +181,6 @@ def test_checkpoint_conflicting_with_overrides_is_refused(shards, tmp_path):
 @pytest.mark.slow
 def test_compile_keeps_validation_hellaswag_and_sampling_working(tmp_path):
     # build-nanogpt's torch.compile breaks its HellaSwag and sampling; here they run on the uncompiled module
-    from conftest import write_shards
     from test_hellaswag import ROWS, write_jsonl
 
     data = tmp_path / "data"
