@@ -242,6 +242,54 @@ class Block(nn.Module):
         return x
 
 
+LOSS_CHUNK_ELEMENTS = 2**27  # logits LinearCrossEntropy computes at once: 512 MB in float32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, without keeping the logits.
+
+    The plain path (lm_head, then F.cross_entropy) keeps the (N, vocab) logits, their log-softmax and two
+    gradients of that size: with a 50304-token vocabulary they dominate memory and, on a CPU, time. The loss
+    is the network's last operation, so its gradient is already known in the forward pass. For each chunk of
+    rows: logits, log_softmax in place, the targets' log-probabilities read off, then softmax - one_hot in
+    place, multiplied out into that chunk's share of dx and dweight. Backward only scales them by the incoming
+    gradient. Under autocast the matmuls run in its dtype and the softmax in float32, as with F.cross_entropy.
+    """
+
+    @staticmethod
+    @torch.compiler.disable  # fused by hand already; traced by torch.compile, its in-place steps become copies
+    def forward(ctx, x, weight, targets):
+        n = x.size(0)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=x.device)
+        dx = torch.empty_like(x) if need_grad else None
+        dweight = None  # float32 while it accumulates over chunks
+        for start in range(0, n, rows):
+            xc, tc = x[start:start + rows], targets[start:start + rows, None]  # (r, C), (r, 1)
+            logits = xc @ weight.t()  # (r, vocab), in autocast's dtype if on
+            logp = logits.float()
+            torch.log_softmax(logp, dim=1, out=logp)
+            loss -= logp.gather(1, tc).sum()
+            if need_grad:
+                # d(sum of the chunk's losses)/d(logits) = softmax - one_hot(targets), back in the logits' dtype
+                grad = logp.exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=x.device)).to(logits.dtype)
+                dx[start:start + rows] = grad @ weight
+                part = grad.t() @ xc  # (vocab, C)
+                dweight = part.float() if dweight is None else dweight.add_(part)
+        if need_grad:
+            ctx.save_for_backward(dx, dweight.to(weight.dtype))
+            ctx.n = n
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dweight = ctx.saved_tensors
+        scale = grad_loss / ctx.n  # the mean over rows, and whatever came after the loss
+        # in place: a second backward through this graph would raise (saved tensors modified), not go wrong
+        return dx.mul_(scale), dweight.mul_(scale), None
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -271,16 +319,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
-        """Logits (B, T, vocab_size) and the mean loss if targets are given; last_only: logits (B, 1, vocab_size)
-        of the last position only, all that generation needs (the vocabulary matmul is the largest one)."""
+        """(logits (B, T, vocab_size), None) without targets; last_only: logits (B, 1, vocab_size) of the last
+        position only, all that generation needs. With targets: (None, the mean loss), by LinearCrossEntropy,
+        which never holds the whole (B, T, vocab_size) logits (the vocabulary matmul is the largest one)."""
         x = self.hidden_states(idx, kv_cache=kv_cache)  # (B, T, C)
+        if targets is not None:
+            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return self.lm_head(x), None  # (B, T, vocab_size)
 
     def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
         """The final LayerNorm's output (B, T, C), before the vocabulary projection.

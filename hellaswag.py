@@ -192,7 +192,8 @@ def pack(examples, block_size, device):
     index ex*4 + i.
     """
     fitted = [fit(example, block_size) for example in examples]
-    T = max(len(context) + sum(map(len, endings)) for context, endings in fitted)
+    # an ending's last token is only predicted, never read: it is left out of the row
+    T = max(len(context) + sum(len(ending) - 1 for ending in endings) for context, endings in fitted)
     rows, sources, targets, owners = [], [], [], []
     for b, (context, endings) in enumerate(fitted):
         tokens, pos, seg = list(context), list(range(len(context))), [0] * len(context)
@@ -202,9 +203,9 @@ def pack(examples, block_size, device):
             sources += [b * T + len(context) - 1] + [b * T + start + j for j in range(len(ending) - 1)]
             targets += ending
             owners += [4 * b + i] * len(ending)
-            tokens += ending
-            pos += range(len(context), len(context) + len(ending))
-            seg += [i + 1] * len(ending)
+            tokens += ending[:-1]
+            pos += range(len(context), len(context) + len(ending) - 1)
+            seg += [i + 1] * (len(ending) - 1)
         rows.append((tokens, pos, seg))
     pad = lambda xs, value: xs + [value] * (T - len(xs))
     idx = torch.tensor([pad(r[0], 0) for r in rows], dtype=torch.long, device=device)  # (B, T)

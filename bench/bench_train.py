@@ -7,6 +7,7 @@ Same config, batch, dtype, weights and optimizer hyperparameters; each model run
 """
 
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +33,7 @@ class Config:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False  # also time our model under torch.compile
     warmup: int = 2  # untimed steps per model
-    steps: int = 5  # timed steps per model, alternating
+    steps: int = 9  # timed steps per model, alternating; the median step is reported
 
 
 def main(cfg, _):
@@ -88,11 +89,12 @@ def main(cfg, _):
     for step in steps.values():
         for _ in range(cfg.warmup):
             step()
-    spent = dict.fromkeys(steps, 0.0)
+    times = {name: [] for name in steps}
     for _ in range(cfg.steps):  # take turns, so all see the same machine load
         for name, step in steps.items():
-            spent[name] += timed(step, 1)
-    tokens = cfg.B * cfg.T * cfg.steps
+            times[name].append(timed(step, 1))
+    spent = {name: statistics.median(t) for name, t in times.items()}  # a step's time, robust to hiccups
+    tokens = cfg.B * cfg.T
     print(describe(device))
     print(f"config: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, T={cfg.T}, B={cfg.B}, "
           f"vocab {cfg.vocab_size}, {cfg.dtype}, AdamW")

@@ -225,8 +225,10 @@ def test_resume_after_sigint_and_sigkill_is_byte_identical(tmp_path, capsys):
 
     def run_until(shards, sig):
         """Starts a run and sends `sig` once the manifest lists at least `shards` shards."""
+        # SIGINT back to its default in the child: a suite started in the background (`pytest &`) ignores it
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "fineweb.py"), *args, f"--out_dir={out}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
             try:

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2 import GPT, Config, GPTConfig, UserError, get_lr
+import gpt2
+from gpt2 import GPT, Config, GPTConfig, LinearCrossEntropy, UserError, get_lr
 
 
 def tiny(**kw):
@@ -46,10 +48,42 @@ def test_matches_transformers_gpt2():
         for name, p in ours.named_parameters():
             p.copy_(theirs[name].t() if name.endswith(conv1d) and ".h." in name else theirs[name])
     idx = torch.randint(0, 512, (3, 32))
-    logits, loss = ours(idx[:, :-1], idx[:, 1:])
+    logits, _ = ours(idx[:, :-1])
+    _, loss = ours(idx[:, :-1], idx[:, 1:])
     out = hf(idx, labels=idx)
     torch.testing.assert_close(logits, out.logits[:, :-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**27, 3000])  # one chunk; 10 rows a chunk, the last one short
+def test_linear_cross_entropy_equals_the_plain_path(monkeypatch, chunk_elements):
+    monkeypatch.setattr(gpt2, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = (torch.randn(300, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, 300, (37,))
+    x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
+    loss = LinearCrossEntropy.apply(x, w, targets)
+    plain = F.cross_entropy(x2 @ w2.t(), targets)
+    (3 * loss).backward()  # something after the loss scales its gradient
+    (3 * plain).backward()
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(LinearCrossEntropy.apply(x, w, targets), plain)
+    # bfloat16 autocast: matmuls in bfloat16, softmax in float32, as autocast runs the plain path
+    for t in (x, w, x2, w2):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropy.apply(x, w, targets)
+        plain = F.cross_entropy(x2 @ w2.t(), targets)
+    loss.backward()
+    plain.backward()
+    assert loss.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
+    for ours, theirs in ((x.grad, x2.grad), (w.grad, w2.grad)):  # both round the same products to bfloat16
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-2 * theirs.abs().max().item())
 
 
 def test_gpt2_init_and_weight_tying():
