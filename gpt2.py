@@ -254,20 +254,30 @@ class LinearCrossEntropy(torch.autograd.Function):
     rows: logits, log_softmax in place, the targets' log-probabilities read off, then softmax - one_hot in
     place, multiplied out into that chunk's share of dx and dweight. Backward only scales them by the incoming
     gradient. Under autocast the matmuls run in its dtype and the softmax in float32, as with F.cross_entropy.
+
+    keep: a dict in which, on a CPU without autocast, the logits' memory stays from call to call. Memory freed
+    by one training step comes back to the next as fresh pages that the kernel faults in and zeroes, about a
+    tenth of a small model's step; a GPU's caching allocator already reuses it.
     """
 
     @staticmethod
     @torch.compiler.disable  # fused by hand already; traced by torch.compile, its in-place steps become copies
-    def forward(ctx, x, weight, targets):
-        n = x.size(0)
-        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    def forward(ctx, x, weight, targets, keep=None):
+        n, vocab = x.size(0), weight.size(0)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        reuse = keep is not None and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if reuse and keep.get("logits", torch.empty(0)).numel() < min(n, rows) * vocab:
+            keep["logits"] = torch.empty(min(n, rows) * vocab, dtype=weight.dtype)
         loss = torch.zeros((), device=x.device)
         dx = torch.empty_like(x) if need_grad else None
         dweight = None  # float32 while it accumulates over chunks
         for start in range(0, n, rows):
             xc, tc = x[start:start + rows], targets[start:start + rows, None]  # (r, C), (r, 1)
-            logits = xc @ weight.t()  # (r, vocab), in autocast's dtype if on
+            if reuse:
+                logits = torch.mm(xc, weight.t(), out=keep["logits"][:len(xc) * vocab].view(len(xc), vocab))
+            else:
+                logits = xc @ weight.t()  # (r, vocab), in autocast's dtype if on
             logp = logits.float()
             torch.log_softmax(logp, dim=1, out=logp)
             loss -= logp.gather(1, tc).sum()
@@ -287,7 +297,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dx, dweight = ctx.saved_tensors
         scale = grad_loss / ctx.n  # the mean over rows, and whatever came after the loss
         # in place: a second backward through this graph would raise (saved tensors modified), not go wrong
-        return dx.mul_(scale), dweight.mul_(scale), None
+        return dx.mul_(scale), dweight.mul_(scale), None, None
 
 
 class GPT(nn.Module):
@@ -303,6 +313,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.loss_memory = {}  # LinearCrossEntropy's, kept from step to step (see there)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -324,7 +335,8 @@ class GPT(nn.Module):
         which never holds the whole (B, T, vocab_size) logits (the vocabulary matmul is the largest one)."""
         x = self.hidden_states(idx, kv_cache=kv_cache)  # (B, T, C)
         if targets is not None:
-            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                  self.loss_memory)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab_size)
