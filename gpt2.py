@@ -242,7 +242,37 @@ class Block(nn.Module):
         return x
 
 
-LOSS_CHUNK_ELEMENTS = 2**27  # logits LinearCrossEntropy computes at once: 512 MB in float32
+LOSS_CHUNK_ELEMENTS = 2**27  # logits log_softmax_chunks computes at once: 512 MB in float32
+
+
+def log_softmax_chunks(x, weight, keep=None, vocab=None):
+    """log_softmax(x @ weight.T) a chunk of rows at a time, never all (N, vocab) logits at once: yields (rows, logp,
+    dtype) with logp the chunk's (r, weight rows) float32 log-probabilities and dtype the matmul's (autocast's if
+    on). logp is computed in place in one buffer, which the next chunk overwrites. vocab: only the first vocab
+    tokens count, the rest (padding) get probability 0; slicing the weight instead would make the matmul's width
+    odd, and it much slower.
+
+    keep: a dict in which, on a CPU without autocast, the buffer stays from call to call. Memory freed by one
+    training step comes back to the next as fresh pages that the kernel faults in and zeroes, about a tenth of a
+    small model's step; a GPU's caching allocator already reuses it.
+    """
+    n, width = x.size(0), weight.size(0)
+    step = max(1, LOSS_CHUNK_ELEMENTS // width)
+    reuse = keep is not None and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    if reuse:
+        buffer = keep.get("logits")
+        if buffer is None or buffer.numel() < min(n, step) * width or buffer.dtype != weight.dtype:
+            keep["logits"] = buffer = torch.empty(min(n, step) * width, dtype=weight.dtype)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        if reuse:
+            logits = torch.mm(x[rows], weight.t(), out=buffer[:(rows.stop - start) * width].view(-1, width))
+        else:
+            logits = x[rows] @ weight.t()  # (r, width)
+        logp = logits.float()  # the same tensor if it is float32 already
+        if vocab is not None:
+            logp[:, vocab:] = float("-inf")
+        yield rows, torch.log_softmax(logp, dim=1, out=logp), logits.dtype
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -251,46 +281,31 @@ class LinearCrossEntropy(torch.autograd.Function):
     The plain path (lm_head, then F.cross_entropy) keeps the (N, vocab) logits, their log-softmax and two
     gradients of that size: with a 50304-token vocabulary they dominate memory and, on a CPU, time. The loss
     is the network's last operation, so its gradient is already known in the forward pass. For each chunk of
-    rows: logits, log_softmax in place, the targets' log-probabilities read off, then softmax - one_hot in
-    place, multiplied out into that chunk's share of dx and dweight. Backward only scales them by the incoming
-    gradient. Under autocast the matmuls run in its dtype and the softmax in float32, as with F.cross_entropy.
-
-    keep: a dict in which, on a CPU without autocast, the logits' memory stays from call to call. Memory freed
-    by one training step comes back to the next as fresh pages that the kernel faults in and zeroes, about a
-    tenth of a small model's step; a GPU's caching allocator already reuses it.
+    rows from log_softmax_chunks: the targets' log-probabilities read off, then softmax - one_hot in place,
+    multiplied out into that chunk's share of dx and dweight. Backward only scales them by the incoming gradient.
+    Under autocast the matmuls run in its dtype and the softmax in float32, as with F.cross_entropy.
     """
 
     @staticmethod
     @torch.compiler.disable  # fused by hand already; traced by torch.compile, its in-place steps become copies
     def forward(ctx, x, weight, targets, keep=None):
-        n, vocab = x.size(0), weight.size(0)
-        rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        reuse = keep is not None and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if reuse and keep.get("logits", torch.empty(0)).numel() < min(n, rows) * vocab:
-            keep["logits"] = torch.empty(min(n, rows) * vocab, dtype=weight.dtype)
         loss = torch.zeros((), device=x.device)
         dx = torch.empty_like(x) if need_grad else None
         dweight = None  # float32 while it accumulates over chunks
-        for start in range(0, n, rows):
-            xc, tc = x[start:start + rows], targets[start:start + rows, None]  # (r, C), (r, 1)
-            if reuse:
-                logits = torch.mm(xc, weight.t(), out=keep["logits"][:len(xc) * vocab].view(len(xc), vocab))
-            else:
-                logits = xc @ weight.t()  # (r, vocab), in autocast's dtype if on
-            logp = logits.float()
-            torch.log_softmax(logp, dim=1, out=logp)
+        for rows, logp, dtype in log_softmax_chunks(x, weight, keep):
+            tc = targets[rows, None]  # (r, 1)
             loss -= logp.gather(1, tc).sum()
             if need_grad:
-                # d(sum of the chunk's losses)/d(logits) = softmax - one_hot(targets), back in the logits' dtype
-                grad = logp.exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=x.device)).to(logits.dtype)
-                dx[start:start + rows] = grad @ weight
-                part = grad.t() @ xc  # (vocab, C)
+                # d(sum of the chunk's losses)/d(logits) = softmax - one_hot(targets), back in the matmul's dtype
+                grad = logp.exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=x.device)).to(dtype)
+                dx[rows] = grad @ weight
+                part = grad.t() @ x[rows]  # (vocab, C)
                 dweight = part.float() if dweight is None else dweight.add_(part)
         if need_grad:
             ctx.save_for_backward(dx, dweight.to(weight.dtype))
-            ctx.n = n
-        return loss / n
+            ctx.n = x.size(0)
+        return loss / x.size(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -313,7 +328,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.loss_memory = {}  # LinearCrossEntropy's, kept from step to step (see there)
+        self.loss_memory = {}  # log_softmax_chunks' buffer, kept from step to step (see there)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from gpt2 import (
     GPT2_VOCAB,
@@ -35,6 +34,7 @@ from gpt2 import (
     get_tokenizer,
     load_hf_model,
     load_model,
+    log_softmax_chunks,
     make_autocast,
     run_cli,
     setup_distributed,
@@ -231,6 +231,7 @@ def score(model, examples, device, autocast=nullcontext, batch_size=16, progress
     counts = torch.zeros(len(examples), 4)
     # longest rows first, so a batch holds rows of similar length (little padding) and memory runs out early if at all
     order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].context) + sum(map(len, examples[i].endings))))
+    keep = {}  # log_softmax_chunks' buffer, from batch to batch
     was_training = model.training
     model.eval()
     with tqdm(total=len(examples), desc="hellaswag", disable=not progress) as bar:
@@ -241,9 +242,9 @@ def score(model, examples, device, autocast=nullcontext, batch_size=16, progress
             with autocast():
                 # the lm_head is left out: it runs below only where an ending token is predicted, because over
                 # the whole vocabulary at every position it would be much of the cost
-                h = model.hidden_states(idx, pos=pos, attn_mask=mask)  # (B, T, C)
-                logits = model.lm_head(h.flatten(0, 1)[sources])  # (M, vocab_size), M ending tokens
-            losses = F.cross_entropy(logits[:, :GPT2_VOCAB].float(), targets, reduction="none")  # (M,)
+                h = model.hidden_states(idx, pos=pos, attn_mask=mask).flatten(0, 1)[sources]  # (M, C), M ending tokens
+                chunks = log_softmax_chunks(h, model.lm_head.weight, keep, vocab=GPT2_VOCAB)  # no padding tokens
+                losses = -torch.cat([logp.gather(1, targets[rows, None])[:, 0] for rows, logp, _ in chunks])  # (M,)
             batch_sums = torch.zeros(4 * len(batch), device=device).index_add_(0, owners, losses)  # (4B,)
             batch_counts = torch.zeros(4 * len(batch), device=device).index_add_(0, owners, torch.ones_like(losses))
             sums[chosen] = batch_sums.view(-1, 4).cpu()

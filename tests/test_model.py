@@ -90,6 +90,20 @@ def test_linear_cross_entropy_equals_the_plain_path(monkeypatch, chunk_elements)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-2 * theirs.abs().max().item())
 
 
+def test_log_softmax_chunks_over_the_first_vocab_tokens(monkeypatch):
+    monkeypatch.setattr(gpt2, "LOSS_CHUNK_ELEMENTS", 3000)  # 10 rows a chunk
+    torch.manual_seed(0)
+    x, w = torch.randn(25, 16), torch.randn(300, 16)
+    expected = F.log_softmax(x @ w[:257].t(), dim=1)  # the last 43 rows of w are padding
+    keep = {}
+    for _ in range(2):  # the second time in the kept buffer
+        chunks = [(rows, logp.clone()) for rows, logp, _ in gpt2.log_softmax_chunks(x, w, keep, vocab=257)]
+        assert [(rows.start, rows.stop) for rows, _ in chunks] == [(0, 10), (10, 20), (20, 25)]
+        got = torch.cat([logp for _, logp in chunks])
+        torch.testing.assert_close(got[:, :257], expected)
+        assert (got[:, 257:] == float("-inf")).all()
+
+
 def test_gpt2_init_and_weight_tying():
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=64, vocab_size=2048, n_layer=8, n_head=4, n_embd=256)
