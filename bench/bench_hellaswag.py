@@ -36,9 +36,9 @@ class Config:
     n_head: int = 12
     n_embd: int = 768
     vocab_size: int = 50304  # padded, as gpt2.py trains it
-    n_examples: int = 64
+    n_examples: int = 128
     batch_size: int = 16  # examples per forward pass for the batched scorer
-    chunk: int = 16  # examples each method scores before the next method takes its turn
+    chunk: int = 64  # examples each method scores before the next takes its turn; several batches, as in real use
     device: str = "cpu"
     seed: int = 0
 
