@@ -278,7 +278,7 @@ def log_softmax_chunks(x, weight, keep=None, vocab=None):
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight.T against targets, without keeping the logits.
 
-    The plain path (lm_head, then F.cross_entropy) keeps the (N, vocab) logits, their log-softmax and two
+    The plain path (lm_head, then F.cross_entropy) allocates the (N, vocab) logits, their log-softmax and two
     gradients of that size: with a 50304-token vocabulary they dominate memory and, on a CPU, time. The loss
     is the network's last operation, so its gradient is already known in the forward pass. For each chunk of
     rows from log_softmax_chunks: the targets' log-probabilities read off, then softmax - one_hot in place,
