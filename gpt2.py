@@ -304,13 +304,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 dweight = part.float() if dweight is None else dweight.add_(part)
         if need_grad:
             ctx.save_for_backward(dx, dweight.to(weight.dtype))
-            ctx.n = x.size(0)
         return loss / x.size(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dweight = ctx.saved_tensors
-        scale = grad_loss / ctx.n  # the mean over rows, and whatever came after the loss
+        scale = grad_loss / dx.size(0)  # the mean over rows, and whatever came after the loss
         # in place: a second backward through this graph would raise (saved tensors modified), not go wrong
         return dx.mul_(scale), dweight.mul_(scale), None, None
 
