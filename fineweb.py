@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tiktoken
 
+from cli import UserError, run_cli
+
 # --- config ---
 
 
@@ -60,12 +62,6 @@ FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 
 
-def user_error(msg):
-    from gpt2 import UserError  # gpt2 imports torch: only the main process pays for it, and only on an error
-
-    return UserError(msg)
-
-
 # --- source ---
 
 
@@ -87,14 +83,14 @@ def resolve_files(data_files):
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         if not found:
-            raise user_error(f"data_files: nothing matches {item!r}: check the path (globs need quotes in the shell)")
+            raise UserError(f"data_files: nothing matches {item!r}: check the path (globs need quotes in the shell)")
         files += [p for p in found if p not in files]
     formats = {p: file_format(p) for p in files}
     unknown = [p for p, f in formats.items() if f is None]
     if unknown:
-        raise user_error(f"data_files: unknown file type {unknown[0]!r}: use {', '.join(FORMATS)} (optionally .gz)")
+        raise UserError(f"data_files: unknown file type {unknown[0]!r}: use {', '.join(FORMATS)} (optionally .gz)")
     if len(set(formats.values())) > 1:
-        raise user_error(f"data_files: mixes {' and '.join(sorted(set(formats.values())))} files: convert them to one format")
+        raise UserError(f"data_files: mixes {' and '.join(sorted(set(formats.values())))} files: convert them to one format")
     return files, formats[files[0]]
 
 
@@ -154,24 +150,24 @@ def open_source(source, debug):
                 try:
                     meta = pq.ParquetFile(p).metadata
                 except Exception as e:
-                    raise user_error(f"cannot read {p}: {one_line(e)}: is it a parquet file?") from e
+                    raise UserError(f"cannot read {p}: {one_line(e)}: is it a parquet file?") from e
                 if source["text_column"] not in meta.schema.names:
-                    raise user_error(missing_column(source["text_column"], meta.schema.names, p))
+                    raise UserError(missing_column(source["text_column"], meta.schema.names, p))
                 rows[p] = meta.num_rows
             num_rows = sum(rows.values())
             if not num_rows:
-                raise user_error(f"no documents in {label}: every file has 0 rows")
+                raise UserError(f"no documents in {label}: every file has 0 rows")
             return ParquetFiles(paths, source["text_column"]), num_rows
         elif source["format"] == "text":
             kwargs["sample_by"] = source["text_sample_by"]
         ds = datasets.load_dataset(source["format"], data_files=paths, split="train", streaming=True, **kwargs)
         return ds, num_rows
     except StopIteration:  # datasets' json builder, on files with no rows
-        raise user_error(f"no documents in {label}: the source is empty") from None
+        raise UserError(f"no documents in {label}: the source is empty") from None
     except Exception as e:
         if debug or type(e).__name__ == "UserError":
             raise
-        raise user_error(f"cannot open {label}: {one_line(e)}") from e
+        raise UserError(f"cannot open {label}: {one_line(e)}") from e
 
 
 class ParquetFiles:
@@ -225,11 +221,11 @@ def read_batches(ds, source, batch_docs, start_row, max_rows, debug):
         except Exception as e:
             if debug:
                 raise
-            raise user_error(f"cannot read {label} after row {row}: {one_line(e)} (--debug=1 shows the traceback)") from e
+            raise UserError(f"cannot read {label} after row {row}: {one_line(e)} (--debug=1 shows the traceback)") from e
         if max_rows and row + len(table) > max_rows:
             table = table.slice(0, max_rows - row)
         if column not in table.column_names:
-            raise user_error(missing_column(column, table.column_names, label))
+            raise UserError(missing_column(column, table.column_names, label))
         texts = table.column(column).combine_chunks()
         keep = pc.fill_null(pc.greater(pc.binary_length(texts), 0), False)  # empty and null texts are skipped
         rows = row + np.flatnonzero(keep.to_numpy(zero_copy_only=False))
@@ -360,7 +356,7 @@ class ShardWriter:
             # val: whole documents from the start, while they fit; the first that does not fit ends it for good
             if pos["split"] == "val" and pos["val_tokens"] + len(doc) > self.val_tokens:
                 if pos["val_tokens"] == 0:
-                    raise user_error(f"the first document has {len(doc)} tokens, more than --val_tokens="
+                    raise UserError(f"the first document has {len(doc)} tokens, more than --val_tokens="
                                      f"{self.val_tokens}: raise it, or --val_tokens=0 for no val split")
                 self.flush()  # the last val shard
                 pos["split"] = "train"
@@ -407,7 +403,7 @@ class ShardWriter:
             try:
                 writing.result()
             except OSError as e:
-                raise user_error(f"cannot write to {self.out_dir}/: {one_line(e)}: free some space, or choose "
+                raise UserError(f"cannot write to {self.out_dir}/: {one_line(e)}: free some space, or choose "
                                  f"another --out_dir; then run the same command again") from e
 
     def close(self):
@@ -465,13 +461,13 @@ def check_out_dir(out_dir, expected, overwrite):
         if overwrite:
             return "fresh", None
         what = "an unreadable manifest.json" if os.path.exists(path) else "files but no manifest.json"
-        raise user_error(f"{out_dir}/ holds {what} (not output of this fineweb.py): {how}") from None
+        raise UserError(f"{out_dir}/ holds {what} (not output of this fineweb.py): {how}") from None
     differ = [k for k in ("source", "tokenizer", "settings") if manifest.get(k) != expected[k]]
     if differ:
         if overwrite:
             return "fresh", None
         detail = "; ".join(f"{k} was {json.dumps(manifest.get(k))}" for k in differ)
-        raise user_error(f"{out_dir}/ holds shards of another source or settings ({detail[:300]}): {how}")
+        raise UserError(f"{out_dir}/ holds shards of another source or settings ({detail[:300]}): {how}")
     if overwrite:
         return "fresh", None
     # keep the shards that are on disk whole; a later shard that is missing or damaged is written again
@@ -501,15 +497,15 @@ def clear_out_dir(out_dir):
 def main(cfg, overridden=()):
     for name in ("shard_size", "batch_docs"):
         if getattr(cfg, name) < 1:
-            raise user_error(f"--{name}={getattr(cfg, name)}: must be at least 1")
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     for name in ("val_tokens", "max_docs", "num_proc"):
         if getattr(cfg, name) < 0:
-            raise user_error(f"--{name}={getattr(cfg, name)}: must be 0 or more")
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be 0 or more")
     if cfg.text_sample_by not in ("line", "paragraph", "document"):
-        raise user_error(f"--text_sample_by={cfg.text_sample_by}: expected line, paragraph or document")
+        raise UserError(f"--text_sample_by={cfg.text_sample_by}: expected line, paragraph or document")
     enc = tiktoken.get_encoding(TOKENIZER)
     if enc.max_token_value >= 2**16:
-        raise user_error(f"tokenizer {TOKENIZER} has ids up to {enc.max_token_value}: they do not fit in uint16 shards")
+        raise UserError(f"tokenizer {TOKENIZER} has ids up to {enc.max_token_value}: they do not fit in uint16 shards")
     num_proc = cfg.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     print("fineweb.py config:", " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()), flush=True)
 
@@ -531,7 +527,7 @@ def main(cfg, overridden=()):
     batches = read_batches(ds, source, cfg.batch_docs, start_row, cfg.max_docs, cfg.debug)
     first = next(batches, None)
     if first is None and start_row == 0:
-        raise user_error(f"no documents in {source_label(source)}: the source is empty")
+        raise UserError(f"no documents in {source_label(source)}: the source is empty")
     os.makedirs(cfg.out_dir, exist_ok=True)
     if state == "fresh":
         clear_out_dir(cfg.out_dir)  # what --overwrite=1 replaces, or temp files left by a run killed at its start
@@ -559,7 +555,7 @@ def main(cfg, overridden=()):
             bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {tokens / (time.time() - t0) / 1e6:.2f}M tokens/s",
                                 refresh=False)
         if writer.pos["documents"] == 0:
-            raise user_error(f"no documents in {source_label(source)}: all {rows_read:,} rows have an empty "
+            raise UserError(f"no documents in {source_label(source)}: all {rows_read:,} rows have an empty "
                              f"{source['text_column']!r}; is --text_column right?")
         totals = writer.finish(rows_read)
     except KeyboardInterrupt:
@@ -591,8 +587,6 @@ def _chain(first, rest):
 
 if __name__ == "__main__":
     try:
-        from gpt2 import run_cli
-
         run_cli(main, Config(), sys.argv[1:])
     except KeyboardInterrupt:  # before the shards were started (later, main says more)
         print("\ninterrupted", file=sys.stderr)
