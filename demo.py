@@ -208,6 +208,6 @@ def main(cfg, overridden):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    from gpt2 import run_cli
+    from cli import run_cli
 
     run_cli(main, DemoConfig(), sys.argv[1:])

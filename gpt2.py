@@ -11,20 +11,29 @@ Fine-tune OpenAI's GPT-2 (a hub name, or a directory saved by transformers): --i
 Sample from a checkpoint or a Hugging Face GPT-2, or export a checkpoint for transformers:
     python gpt2.py --mode=sample --init_from=log/model_19073.pt --prompt="The meaning of life is" --top_k=50
     python gpt2.py --mode=export --init_from=log/model_19073.pt --export_dir=gpt2-ours
+
+Read it top to bottom, in the order the data flows: config, model, the memory-saving loss, data, training (the
+loop and what it calls), evaluation (validation loss, HellaSwag) and sampling, checkpoints, Hugging Face interop,
+and the command line. hellaswag.py is the command line for HellaSwag alone; it imports this file, never the reverse.
 """
 
 import dataclasses
 import glob
+import http.client
+import json
 import math
 import os
 import pickle
 import random
 import re
 import sys
+import tempfile
 import time
+import urllib.request
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -92,6 +101,9 @@ class Config:
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the Config fields that shape the model
+
+
 # --- model ---
 
 
@@ -110,6 +122,10 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                             f"choose n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}")
+
+
+def model_config(cfg):
+    return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
 
 
 class KVCache:
@@ -133,6 +149,12 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each token sees only itself and the tokens before it.
+
+    Every head looks at the whole sequence through its own slice of q, k and v (hs = n_embd / n_head wide), so the
+    heads can attend to different things; their outputs sit side by side and c_proj mixes them. With a KVCache
+    (generation) the keys and values of earlier tokens are read back instead of recomputed.
+    """
 
     def __init__(self, config, layer):
         super().__init__()
@@ -177,6 +199,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer layer, pre-LayerNorm as in GPT-2: attention (tokens exchange information), then an MLP (each
+    token on its own). Both add to the residual stream x rather than replace it, so gradients reach every layer."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -189,6 +213,101 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class GPT(nn.Module):
+    """GPT-2: token and position embeddings, n_layer Blocks, a final LayerNorm and the vocabulary projection lm_head,
+    whose weight is the token embedding's (tied). The shapes and names are OpenAI's, so Hugging Face's GPT-2 weights
+    load into it one to one (see load_hf_model)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.loss_memory = {}  # log_softmax_chunks' buffer, kept from step to step (see there)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2's init: std 0.02, and the projections that add into the residual stream scaled
+        # by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+        """(logits (B, T, vocab_size), None) without targets; last_only: logits (B, 1, vocab_size) of the last
+        position only, all that generation needs. With targets: (None, the mean loss), by LinearCrossEntropy,
+        which never holds the whole (B, T, vocab_size) logits (the vocabulary matmul is the largest one)."""
+        x = self.hidden_states(idx, kv_cache=kv_cache)  # (B, T, C)
+        if targets is not None:
+            # equals F.cross_entropy(self.lm_head(x).flatten(0, 1).float(), targets.flatten()), the plain computation
+            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                  self.loss_memory)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        return self.lm_head(x), None  # (B, T, vocab_size)
+
+    def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
+        """The final LayerNorm's output (B, T, C), before the vocabulary projection.
+
+        By default token t sits at position t (after any cached tokens) and sees tokens 0..t. `pos` (B, T) and
+        `attn_mask` (B, 1, T, T) replace both, so several sequences can share one row (HellaSwag's pack_examples
+        puts a context and its four endings in one row).
+        """
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def crop_block_size(self, block_size):
+        """Keeps the first block_size position embeddings, to use a pretrained model with a shorter context."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def num_params(self):
+        # the position embeddings do no matmul work, so they are left out of the FLOP count
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token: 6N for the matmuls, plus attention's scores and values (PaLM, app. B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        # decay the matmul and embedding weights (dim >= 2), not biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type in ("cuda", "cpu")  # one kernel for the whole update, not one per parameter
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+
+# --- the memory-saving loss ---
 
 
 LOSS_CHUNK_ELEMENTS = 2**27  # logits log_softmax_chunks computes at once: 512 MB in float32
@@ -263,145 +382,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx.mul_(scale), dweight.mul_(scale), None, None
 
 
-class GPT(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.loss_memory = {}  # log_softmax_chunks' buffer, kept from step to step (see there)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        # GPT-2's init: std 0.02, and the projections that add into the residual stream scaled
-        # by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_projection", False):
-                std *= (2 * self.config.n_layer) ** -0.5
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
-        """(logits (B, T, vocab_size), None) without targets; last_only: logits (B, 1, vocab_size) of the last
-        position only, all that generation needs. With targets: (None, the mean loss), by LinearCrossEntropy,
-        which never holds the whole (B, T, vocab_size) logits (the vocabulary matmul is the largest one)."""
-        x = self.hidden_states(idx, kv_cache=kv_cache)  # (B, T, C)
-        if targets is not None:
-            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                  self.loss_memory)
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-        return self.lm_head(x), None  # (B, T, vocab_size)
-
-    def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
-        """The final LayerNorm's output (B, T, C), before the vocabulary projection.
-
-        By default token t sits at position t (after any cached tokens) and sees tokens 0..t. `pos` (B, T) and
-        `attn_mask` (B, 1, T, T) replace both, so several sequences can share one row (hellaswag.py packs a
-        context with its four endings).
-        """
-        B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if pos is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache, attn_mask)
-        if kv_cache is not None:
-            kv_cache.pos += T
-        return self.transformer.ln_f(x)
-
-    def crop_block_size(self, block_size):
-        """Keeps the first block_size position embeddings, to use a pretrained model with a shorter context."""
-        if block_size > self.config.block_size:
-            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
-        self.config = dataclasses.replace(self.config, block_size=block_size)
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
-
-    def num_params(self):
-        # the position embeddings do no matmul work, so they are left out of the FLOP count
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
-
-    def flops_per_token(self, T):
-        """Training FLOPs per token: 6N for the matmuls, plus attention's scores and values (PaLM, app. B)."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
-        # decay the matmul and embedding weights (dim >= 2), not biases and LayerNorm gains
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type in ("cuda", "cpu")  # one kernel for the whole update, not one per parameter
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-
-
-@torch.no_grad()
-def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperature=1.0,
-             generator=None, vocab_limit=None, use_cache=True, autocast=nullcontext):
-    """Samples num_samples continuations of the token list `prompt`.
-
-    Returns (tokens, logprobs): the new tokens (num_samples, max_new_tokens) and the
-    log-probability of each under the temperature-scaled distribution over the whole
-    vocabulary (before the top-k cut). top_k=1 is greedy: the argmax, as transformers'
-    do_sample=False. `vocab_limit` keeps the padded vocabulary rows (ids >= it) from ever
-    being sampled. With use_cache, each new token costs one position's forward pass; without,
-    the whole sequence is recomputed every step (the same tokens, much slower).
-    """
-    device = next(model.parameters()).device
-    if not prompt:
-        raise ValueError("empty prompt: give at least one token (GPT-2 starts unconditional text with <|endoftext|>)")
-    if len(prompt) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt of {len(prompt)} + {max_new_tokens} new tokens exceeds block_size={model.config.block_size}")
-    idx = torch.tensor(prompt, dtype=torch.long, device=device).repeat(num_samples, 1)  # (N, T0)
-    cache = KVCache(model.config, num_samples, len(prompt) + max_new_tokens) if use_cache else None
-    new_tokens, logprobs = [], []
-    step_input = idx
-    for _ in range(max_new_tokens):
-        with autocast():
-            logits, _ = model(step_input if use_cache else idx, kv_cache=cache, last_only=True)
-        logits = logits[:, -1, :vocab_limit].float() / max(temperature, 1e-8)  # (N, V)
-        log_probs = F.log_softmax(logits, dim=-1)
-        if top_k == 1:
-            token = log_probs.argmax(dim=-1, keepdim=True)  # (N, 1); no random draw, ties go to the lowest id
-        else:
-            top_logp, top_ids = torch.topk(log_probs, min(top_k, log_probs.size(-1)), dim=-1)  # (N, k)
-            choice = torch.multinomial(top_logp.exp(), 1, generator=generator)  # (N, 1)
-            token = torch.gather(top_ids, -1, choice)  # (N, 1)
-        new_tokens.append(token)
-        logprobs.append(torch.gather(log_probs, -1, token))
-        idx = torch.cat((idx, token), dim=1)
-        step_input = token
-    return torch.cat(new_tokens, dim=1), torch.cat(logprobs, dim=1)
-
-
 # --- data ---
+
 
 # GPT-2's tokenizer. tiktoken's "r50k_base" is the very BPE of its "gpt2" (same merges, split pattern and
 # <|endoftext|> = 50256) but loads from one file, which PyPI also carries (demo.py uses that)
 TOKENIZER = "r50k_base"
+GPT2_VOCAB = 50257  # the tokenizer's size; our vocab_size may be padded beyond it
 
 
 def get_tokenizer():
     import tiktoken  # only the scripts that turn text into tokens need it
 
     return tiktoken.get_encoding(TOKENIZER)
-
 
 
 def find_shards(data_dir, split):
@@ -498,10 +491,724 @@ class DataLoaderLite:
         return self.shards[i]
 
 
+# --- training ---
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name}: expected auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but torch sees no CUDA GPU: use --device=cpu or --device=auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS is not available: use --device=cpu or --device=auto")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+def setup_distributed(device_name):
+    """Reads torchrun's environment (if any), joins the process group and picks this rank's device."""
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, resolve_device(device_name))
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # torchrun --max-restarts keeps one key-value store across restarts; without a prefix of their own, the
+    # restarted ranks read the dead ranks' addresses and gloo hangs connecting to them
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world_size)
+    return Dist(rank, local_rank, world_size, device)
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def make_autocast(dtype, device):
+    """(a function returning the autocast context for --dtype, whether it is bfloat16); auto = bfloat16 on CUDA only."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"--dtype={dtype}: expected auto, float32 or bfloat16")
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    return autocast, use_bf16
+
+
+def to_device(batch, device):
+    """A batch (x, y) on device; on CUDA through pinned memory, so that the copy runs beside the computation."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
+def synchronize(device):
+    """Waits until the device has done the work queued so far, so that a step's time is its real time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# dense bf16 tensor-core peak FLOP/s, for MFU; the first name found in the device name wins
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def get_lr(step, cfg):
+    """Linear warmup, cosine decay to min_lr over lr_decay_steps (default: until max_steps), then min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps - cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(decay_steps, 1)
+    if progress >= 1:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
+
+
+def grad_accum_steps(cfg, world_size):
+    per_micro_step = cfg.micro_batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % per_micro_step:
+        nearest = max(1, round(cfg.total_batch_size / per_micro_step)) * per_micro_step
+        raise UserError(f"total_batch_size={cfg.total_batch_size} is not divisible by micro_batch_size*block_size*world_size"
+                        f" = {cfg.micro_batch_size}*{cfg.block_size}*{world_size} = {per_micro_step}: use a multiple of "
+                        f"{per_micro_step} such as --total_batch_size={nearest}, or change micro_batch_size")
+    return cfg.total_batch_size // per_micro_step
+
+
+def is_due(every, step, last):
+    return every > 0 and (step % every == 0 or last)
+
+
+LOCAL_KEYS = ("data_dir", "log_dir", "init_from", "device", "debug")  # where and how to run, never taken from a checkpoint
+
+
+def resume_config(cfg, overridden, saved, path):
+    """The checkpoint's settings with this command line's overrides on top. The model's shape cannot change."""
+    for k in MODEL_KEYS:
+        if k in overridden and getattr(cfg, k) != saved[k]:
+            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with checkpoint {path}, which has {k}={saved[k]}: "
+                            f"drop --{k}, or start a new run with another --log_dir")
+    known = {f.name for f in dataclasses.fields(Config)}
+    merged = Config(**{k: v for k, v in saved.items() if k in known})
+    for k in set(overridden) | set(LOCAL_KEYS):
+        setattr(merged, k, getattr(cfg, k))
+    return merged
+
+
+def hf_config(cfg, overridden, model, name):
+    """cfg with the model fields of a Hugging Face GPT-2 (`model`, already loaded as ours).
+
+    Overrides may only repeat them, except a shorter --block_size, which keeps the first
+    position embeddings (fine-tuning with a shorter context).
+    """
+    theirs = dataclasses.asdict(model.config)
+    for k in MODEL_KEYS:
+        if k in overridden and getattr(cfg, k) != theirs[k] and not (k == "block_size" and cfg.block_size < theirs[k]):
+            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with {name}, which has {k}={theirs[k]}: drop --{k}")
+    if cfg.block_size < theirs["block_size"] and "block_size" in overridden:
+        model.crop_block_size(cfg.block_size)
+    return dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_KEYS})
+
+
+def prepare_log_dir(log_dir, start_step):
+    """Makes log_dir and cuts log.txt back to the steps before start_step (they are logged again)."""
+    log_file = os.path.join(log_dir, "log.txt")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        for leftover in glob.glob(os.path.join(log_dir, "*.tmp")):
+            os.remove(leftover)  # a checkpoint or log whose writer was killed
+        lines = []
+        if os.path.exists(log_file):
+            with open(log_file) as f:
+                lines = [line for line in f if line.endswith("\n") and line.split(" ", 1)[0].isdigit()
+                         and int(line.split(" ", 1)[0]) < start_step]  # a line cut short by a kill is dropped
+        with open(log_file + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(log_file + ".tmp", log_file)
+    except OSError as e:
+        raise UserError(f"cannot write to log_dir {log_dir}/ ({e.strerror}): "
+                        f"fix its permissions or pass --log_dir=PATH") from None
+    return log_file
+
+
+def make_plotter(log_file, out_file):
+    """A function that redraws out_file from log_file. A failure is reported once and never stops training."""
+    failed = False
+
+    def refresh():
+        nonlocal failed
+        if failed:
+            return
+        try:
+            import plot  # matplotlib is imported only here, and only on rank 0
+            plot.plot_log(log_file, out_file)
+        except Exception as e:
+            failed = True
+            print(f"warning: cannot draw {out_file} ({type(e).__name__}: {e}); training goes on without the plot")
+
+    return refresh
+
+
+def start_wandb(cfg):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_log=1 but wandb is not installed: pip install wandb (then wandb login), "
+                        "or pass --wandb_log=0") from None
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
+
+
+def train(cfg, overridden):
+    """--mode=train: joins torchrun's process group (if any), trains, and leaves the group however training ends."""
+    d = setup_distributed(cfg.device)
+    try:
+        run_training(cfg, overridden, d)
+    finally:
+        teardown_distributed()
+
+
+def starting_point(cfg, overridden, say):
+    """Where training starts: (the run's config, a checkpoint or None, a Hugging Face model or None).
+
+    resume takes the newest checkpoint in log_dir (none: from scratch); a model_XXXXX.pt path, that checkpoint; both
+    continue with the checkpoint's settings under this command line's overrides. A Hugging Face GPT-2 gives its
+    weights and shape, trained from step 0 with a fresh optimizer. scratch and a Hugging Face start refuse a log_dir
+    that holds checkpoints, rather than overwrite them.
+    """
+    path = hf_model = None
+    if cfg.init_from == "resume":
+        found = list_checkpoints(cfg.log_dir)
+        path = found[-1][1] if found else None
+        if path is None:
+            say(f"init_from=resume: no checkpoint in {cfg.log_dir}/, starting from scratch")
+    elif cfg.init_from == "scratch" or is_hf_model(cfg.init_from):
+        found = list_checkpoints(cfg.log_dir)
+        if found:
+            raise UserError(f"log_dir {cfg.log_dir}/ already holds checkpoints (newest {found[-1][1]}): "
+                            f"pass --init_from=resume to continue that run, or another --log_dir")
+        if cfg.init_from != "scratch":
+            hf_model = load_hf_model(cfg.init_from)
+            cfg = hf_config(cfg, overridden, hf_model, cfg.init_from)
+            say(f"fine-tuning {cfg.init_from}: its weights, from step 0 with a fresh optimizer")
+    else:
+        path = cfg.init_from
+    ckpt = load_checkpoint(path) if path else None
+    if ckpt:
+        cfg = resume_config(cfg, overridden, ckpt["config"], path)
+        say(f"resuming from {path} (step {ckpt['step']}) with its settings, overridden by: {sorted(overridden) or 'nothing'}")
+    return cfg, ckpt, hf_model
+
+
+def build_model(cfg, d, ckpt, hf_model, train_loader, say):
+    """The model on d.device and its optimizer: fresh, a Hugging Face GPT-2's, or a checkpoint's complete state (the
+    optimizer, the loader's position and this rank's random states too). Returns (model, optimizer, start_step)."""
+    model = hf_model if hf_model is not None else GPT(model_config(cfg))
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(d.device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type)
+    if not ckpt:
+        return model, optimizer, 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    train_loader.load_state_dict(ckpt["loader"])
+    if ckpt["world_size"] == d.world_size:
+        set_rng_state(ckpt["rng"][d.rank])
+    else:
+        say(f"checkpoint was written by {ckpt['world_size']} ranks, now {d.world_size}: "
+            f"the loader continues at the same token, random states start from the seed")
+    return model, optimizer, ckpt["step"]
+
+
+def write_checkpoint(cfg, d, model, optimizer, train_loader, step, say):
+    """log_dir/model_SSSSS.pt: the state after `step` optimizer steps. Every rank hands in its random states and rank 0
+    writes; then only the newest keep_checkpoints are kept."""
+    rng = [None] * d.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    if not d.is_master:
+        return
+    state = {"model": clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(), "step": step,
+             "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(), "world_size": d.world_size,
+             "rng": rng}
+    path = checkpoint_path(cfg.log_dir, step)
+    save_checkpoint(path, state)
+    say(f"saved {path}")
+    if cfg.keep_checkpoints:
+        for _, old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
+            os.remove(old)
+
+
+class RunLog:
+    """Rank 0's record of a run: the console, log_dir/log.txt lines `<step> <kind> <value>` (what plot.py draws),
+    log.png redrawn after each evaluation, and Weights & Biases if asked. On the other ranks it does nothing."""
+
+    def __init__(self, cfg, is_master, start_step):
+        self.is_master = is_master
+        self.file = prepare_log_dir(cfg.log_dir, start_step) if is_master else None
+        self.wandb = start_wandb(cfg) if cfg.wandb_log and is_master else None
+        self.refresh_plot = make_plotter(self.file, os.path.join(cfg.log_dir, "log.png")) if self.file else (lambda: None)
+
+    def print(self, text):
+        if self.is_master:
+            print(text)
+
+    def record(self, step, kind, value, text, **metrics):
+        """Prints `text`, appends `<step> <kind> <value>` to log.txt and sends metrics to wandb."""
+        self.print(text)
+        if self.file:
+            with open(self.file, "a") as f:
+                f.write(f"{step} {kind} {value}\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def finish(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def run_training(cfg, overridden, d):
+    """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
+
+    Each optimizer step reads total_batch_size tokens, split over the ranks and grad_accum micro-steps of
+    micro_batch_size x block_size, and takes one AdamW step with the scheduled learning rate. Before a step, when due:
+    validation loss, HellaSwag and samples; after it, when due, a checkpoint.
+    """
+    say = print if d.is_master else (lambda *args, **kwargs: None)
+    cfg, ckpt, hf_model = starting_point(cfg, overridden, say)
+    say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = d.device
+    autocast, use_bf16 = make_autocast(cfg.dtype, device)
+    B, T = cfg.micro_batch_size, cfg.block_size
+    grad_accum = grad_accum_steps(cfg, d.world_size)
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size)
+    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, d.rank, d.world_size, cfg.vocab_size) if cfg.val_every else None
+    hella = load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None
+    enc = None
+    if cfg.sample_every and d.is_master:
+        check_sampling(cfg)
+        enc = get_tokenizer()
+    raw_model, optimizer, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say)
+    del ckpt, hf_model  # the model holds the weights now
+    # training and validation (fixed shapes) run compiled; sampling and HellaSwag use raw_model
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    train_model = model
+    if dist.is_initialized():
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    run_log = RunLog(cfg, d.is_master, start_step)
+    flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
+    say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
+        f"= {cfg.total_batch_size:,} tokens per step | {device} | {'bfloat16' if use_bf16 else 'float32'}")
+
+    for step in range(start_step, cfg.max_steps + 1):
+        last = step == cfg.max_steps
+        evaluated = False
+        if val_loader and is_due(cfg.val_every, step, last):
+            val_loss = evaluate_loss(model, val_loader, cfg.val_steps, device, autocast)
+            run_log.record(step, "val", f"{val_loss:.4f}", f"step {step:6d} | val loss {val_loss:.4f}", **{"val/loss": val_loss})
+            evaluated = True
+        if hella and is_due(cfg.hellaswag_every, step, last):
+            result = evaluate_hellaswag(raw_model, hella, device, autocast=autocast, rank=d.rank, world_size=d.world_size)
+            run_log.record(step, "hella", f"{result['acc_norm']:.4f}", f"step {step:6d} | hellaswag acc_norm "
+                           f"{result['acc_norm']:.4f} ({result['n']} examples)", **{"hellaswag/acc_norm": result["acc_norm"]})
+            evaluated = True
+        if evaluated:
+            run_log.refresh_plot()
+        if enc and is_due(cfg.sample_every, step, last):
+            print_samples(raw_model, enc, device, autocast, cfg)
+        if last:
+            break
+
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = to_device(train_loader.next_batch(), device)
+            # DDP all-reduces gradients only in the last micro-step's backward
+            is_last_micro = micro_step == grad_accum - 1
+            with nullcontext() if is_last_micro or train_model is model else train_model.no_sync():
+                with autocast():
+                    _, loss = train_model(x, y)
+                loss = loss / grad_accum  # the gradient of the mean over the whole batch
+                loss_accum += loss.detach()
+                loss.backward()
+        loss_accum = all_reduce_sum(loss_accum) / d.world_size
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            optimizer.step()
+        elif not cfg.skip_nonfinite:
+            raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
+                            f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
+        synchronize(device)
+        dt = time.time() - t0
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
+        if finite:
+            run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | "
+                           f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}",
+                           **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens_per_sec": tokens_per_sec})
+        else:
+            say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
+        if is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps):
+            write_checkpoint(cfg, d, raw_model, optimizer, train_loader, step + 1, say)
+    run_log.finish()
+
+
+# --- evaluation and sampling ---
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, device, autocast):
+    """Token-weighted mean loss over the same `steps` batches of every rank, all-reduced."""
+    loader.reset()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss sum, token count)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            _, loss = model(x, y)
+        totals[0] += loss.double() * y.numel()
+        totals[1] += y.numel()
+    all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+# HellaSwag: pick the most likely of 4 endings for a context. build-nanogpt's recipe: the context tokens, then each
+# ending encoded as " " + ending; the model's cross-entropy on the ending tokens; acc picks the ending with the
+# lowest summed loss, acc_norm the lowest mean loss per token (the number GPT-3's paper and build-nanogpt report).
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"  # the authors' copy, as build-nanogpt uses
+
+
+class HellaSwagExample(NamedTuple):
+    context: list  # token ids of ctx
+    endings: list  # 4 lists of token ids, each encoding " " + ending
+    label: int  # index of the true ending
+
+
+def hellaswag_cache_dir():
+    return os.environ.get("HELLASWAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-fineweb", "hellaswag")
+
+
+def download_hellaswag(split, cache_dir, url=HELLASWAG_URL, is_master=True):
+    """The path of hellaswag_{split}.jsonl in cache_dir, downloaded first if it is not there yet.
+
+    Every rank may call this at once: each writes its own temporary file and renames it into
+    place, so a reader sees either no file or a complete one.
+    """
+    path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
+    if os.path.exists(path):
+        return path
+    source = f"{url}/hellaswag_{split}.jsonl"
+    if is_master:
+        print(f"downloading {source} to {path}", flush=True)
+    try:
+        with urllib.request.urlopen(source, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot download {source} ({reason}): pass --data_file=PATH (in gpt2.py --hellaswag_file=PATH) "
+                        f"with a local copy of hellaswag_{split}.jsonl") from None
+    tmp = None
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"hellaswag_{split}.jsonl.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror}): pass --cache_dir=PATH or set HELLASWAG_CACHE "
+                        f"to a writable directory") from None
+    return path
+
+
+def check_hellaswag_row(row):
+    """Raises ValueError saying what is wrong with one parsed line of the jsonl."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("ctx"), str) or not row["ctx"]:
+        raise ValueError("'ctx' is missing or not a non-empty string")
+    endings = row.get("endings")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        raise ValueError("'endings' is missing or not a list of 4 strings")
+    label = row.get("label")
+    if label is None or label == "":
+        raise ValueError("no 'label' (the test split's labels are not public: use the val split)")
+    if str(label) not in ("0", "1", "2", "3"):
+        raise ValueError(f"'label' is {label!r}, expected 0, 1, 2 or 3")
+
+
+def read_hellaswag_jsonl(path, fix):
+    """The examples of a HellaSwag jsonl file as dicts; a bad line is a UserError naming it, ending with `fix`."""
+    rows = []
+    with open(path, "rb") as f:  # bytes, so that bad UTF-8 is reported with its line number too
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                check_hellaswag_row(row)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                problem = str(e).splitlines()[0]
+                raise UserError(f"{path} line {number} is not a HellaSwag example ({problem}): {fix}") from None
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no examples: {fix}")
+    return rows
+
+
+def render_example(row, enc):
+    """One example as tokens: the context, and each ending with the space that joins it to the context."""
+    context = enc.encode_ordinary(row["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in row["endings"]]
+    return HellaSwagExample(context, endings, int(row["label"]))
+
+
+def load_hellaswag(split="val", data_file=None, *, is_master=True, cache_dir=None, url=HELLASWAG_URL, limit=0):
+    """The examples of one split as token ids: read from data_file if given, else from the download cache."""
+    if data_file:
+        if not os.path.isfile(data_file):
+            raise UserError(f"data file {data_file} does not exist: pass the path of a local hellaswag_{split}.jsonl, "
+                            f"or leave it empty to download the split")
+        path, fix = data_file, "fix that line, or pass a file in HellaSwag's jsonl schema"
+    else:
+        if split not in ("val", "train"):
+            raise UserError(f"--split={split}: expected val or train")
+        path = download_hellaswag(split, cache_dir or hellaswag_cache_dir(), url, is_master)
+        fix = f"delete {path} to download it again"
+    rows = read_hellaswag_jsonl(path, fix)
+    if limit > 0:
+        rows = rows[:limit]
+    enc = get_tokenizer()
+    return [render_example(row, enc) for row in rows]
+
+
+def fit_example(example, block_size):
+    """The context and endings cut to fit block_size positions: endings to block_size - 1 tokens (one
+    context token must predict their first), then the context from the left. GPT-2's 1024 fits them all."""
+    endings = [e[:block_size - 1] for e in example.endings]
+    keep = block_size - max(len(e) for e in endings)
+    return example.context[-keep:], endings
+
+
+def pack_examples(examples, block_size, device):
+    """One row per example, the context once and then its 4 endings, each ending seeing only the
+    context and itself (positions restart after the context for each). Shares the context's work
+    4 ways; the scores equal those of 4 separate rows context + ending.
+
+    Returns idx, pos (B, T); mask (B, 1, T, T), True where a token may attend; and for each ending
+    token: the flat row*T + position whose output predicts it, the token, and its (example, ending)
+    index ex*4 + i.
+    """
+    fitted = [fit_example(example, block_size) for example in examples]
+    # an ending's last token is only predicted, never read: it is left out of the row
+    T = max(len(context) + sum(len(ending) - 1 for ending in endings) for context, endings in fitted)
+    rows, sources, targets, owners = [], [], [], []
+    for b, (context, endings) in enumerate(fitted):
+        tokens, pos, seg = list(context), list(range(len(context))), [0] * len(context)
+        for i, ending in enumerate(endings):
+            start = len(tokens)
+            # the first ending token is predicted from the last context token, the others from the one before
+            sources += [b * T + len(context) - 1] + [b * T + start + j for j in range(len(ending) - 1)]
+            targets += ending
+            owners += [4 * b + i] * len(ending)
+            tokens += ending[:-1]
+            pos += range(len(context), len(context) + len(ending) - 1)
+            seg += [i + 1] * (len(ending) - 1)
+        rows.append((tokens, pos, seg))
+    pad = lambda xs, value: xs + [value] * (T - len(xs))
+    idx = torch.tensor([pad(r[0], 0) for r in rows], dtype=torch.long, device=device)  # (B, T)
+    pos = torch.tensor([pad(r[1], 0) for r in rows], dtype=torch.long, device=device)  # (B, T)
+    seg = torch.tensor([pad(r[2], -1) for r in rows], dtype=torch.long, device=device)  # (B, T) 0 context, i ending i, -1 pad
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    mask = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # (B, T, T) query, key
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+    return idx, pos, mask[:, None], as_tensor(sources), as_tensor(targets), as_tensor(owners)
+
+
+@torch.no_grad()
+def score_endings(model, examples, device, autocast=nullcontext, batch_size=16, progress=False):
+    """Summed cross-entropy of each ending's tokens, and their number: two (N, 4) tensors on the CPU."""
+    from tqdm import tqdm
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compiled model's own module
+    top = max((max(max(e, default=0) for e in (ex.context, *ex.endings)) for ex in examples), default=0)
+    if top >= model.config.vocab_size:
+        raise UserError(f"HellaSwag needs GPT-2's tokenizer (token ids up to {top}), but the model has "
+                        f"vocab_size={model.config.vocab_size}: use vocab_size >= {GPT2_VOCAB}, or --hellaswag_every=0")
+    sums = torch.zeros(len(examples), 4)
+    counts = torch.zeros(len(examples), 4)
+    # longest rows first, so a batch holds rows of similar length (little padding) and memory runs out early if at all
+    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].context) + sum(map(len, examples[i].endings))))
+    keep = {}  # log_softmax_chunks' buffer, from batch to batch
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(examples), desc="hellaswag", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = [examples[i] for i in chosen]
+            idx, pos, mask, sources, targets, owners = pack_examples(batch, model.config.block_size, device)
+            with autocast():
+                # the lm_head is left out: it runs below only where an ending token is predicted, because over
+                # the whole vocabulary at every position it would be much of the cost
+                h = model.hidden_states(idx, pos=pos, attn_mask=mask).flatten(0, 1)[sources]  # (M, C), M ending tokens
+                chunks = log_softmax_chunks(h, model.lm_head.weight, keep, vocab=GPT2_VOCAB)  # no padding tokens
+                losses = -torch.cat([logp.gather(1, targets[rows, None])[:, 0] for rows, logp, _ in chunks])  # (M,)
+            batch_sums = torch.zeros(4 * len(batch), device=device).index_add_(0, owners, losses)  # (4B,)
+            batch_counts = torch.zeros(4 * len(batch), device=device).index_add_(0, owners, torch.ones_like(losses))
+            sums[chosen] = batch_sums.view(-1, 4).cpu()
+            counts[chosen] = batch_counts.view(-1, 4).cpu()
+            bar.update(len(batch))
+    model.train(was_training)
+    return sums, counts
+
+
+def evaluate_hellaswag(model, examples, device, autocast=nullcontext, rank=0, world_size=1, batch_size=16, progress=False):
+    """acc and acc_norm over all examples: rank r scores examples r, r + world_size, ...; the counts
+    are summed over ranks, so any number of ranks gives the numbers of one."""
+    mine = examples[rank::world_size]
+    sums, counts = score_endings(model, mine, device, autocast, batch_size, progress)
+    labels = torch.tensor([ex.label for ex in mine], dtype=torch.long)
+    totals = torch.tensor([len(mine),
+                           (sums.argmin(1) == labels).sum().item(),  # lowest total loss
+                           ((sums / counts).argmin(1) == labels).sum().item()],  # lowest loss per token
+                          dtype=torch.long, device=device)
+    n, correct, correct_norm = all_reduce_sum(totals).tolist()
+    return {"n": n, "acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1)}
+
+
+@torch.no_grad()
+def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperature=1.0,
+             generator=None, vocab_limit=None, use_cache=True, autocast=nullcontext):
+    """Samples num_samples continuations of the token list `prompt`.
+
+    Returns (tokens, logprobs): the new tokens (num_samples, max_new_tokens) and the
+    log-probability of each under the temperature-scaled distribution over the whole
+    vocabulary (before the top-k cut). top_k=1 is greedy: the argmax, as transformers'
+    do_sample=False. `vocab_limit` keeps the padded vocabulary rows (ids >= it) from ever
+    being sampled. With use_cache, each new token costs one position's forward pass; without,
+    the whole sequence is recomputed every step (the same tokens, much slower).
+    """
+    device = next(model.parameters()).device
+    if not prompt:
+        raise ValueError("empty prompt: give at least one token (GPT-2 starts unconditional text with <|endoftext|>)")
+    if len(prompt) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt of {len(prompt)} + {max_new_tokens} new tokens exceeds block_size={model.config.block_size}")
+    idx = torch.tensor(prompt, dtype=torch.long, device=device).repeat(num_samples, 1)  # (N, T0)
+    cache = KVCache(model.config, num_samples, len(prompt) + max_new_tokens) if use_cache else None
+    new_tokens, logprobs = [], []
+    step_input = idx
+    for _ in range(max_new_tokens):
+        with autocast():
+            logits, _ = model(step_input if use_cache else idx, kv_cache=cache, last_only=True)
+        logits = logits[:, -1, :vocab_limit].float() / max(temperature, 1e-8)  # (N, V)
+        log_probs = F.log_softmax(logits, dim=-1)
+        if top_k == 1:
+            token = log_probs.argmax(dim=-1, keepdim=True)  # (N, 1); no random draw, ties go to the lowest id
+        else:
+            top_logp, top_ids = torch.topk(log_probs, min(top_k, log_probs.size(-1)), dim=-1)  # (N, k)
+            choice = torch.multinomial(top_logp.exp(), 1, generator=generator)  # (N, 1)
+            token = torch.gather(top_ids, -1, choice)  # (N, 1)
+        new_tokens.append(token)
+        logprobs.append(torch.gather(log_probs, -1, token))
+        idx = torch.cat((idx, token), dim=1)
+        step_input = token
+    return torch.cat(new_tokens, dim=1), torch.cat(logprobs, dim=1)
+
+
+def check_sampling(cfg):
+    """One-line errors for sampling settings that generate() cannot use."""
+    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 1)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least {low}")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature={cfg.temperature}: must be > 0 (for greedy decoding pass --top_k=1)")
+
+
+def print_samples(model, enc, device, autocast, cfg):
+    """Prints cfg.num_samples samples of cfg.prompt, seeded with cfg.seed so they can be compared across steps.
+
+    The training loop's periodic samples and --mode=sample both come from here. Returns one
+    record per sample: the prompt, the completion's text and token ids, and the mean
+    log-probability and perplexity of the sampled tokens (see generate for which distribution).
+    """
+    prompt = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # GPT-2's unconditional samples start at <|endoftext|>
+    room = model.config.block_size - cfg.max_new_tokens
+    if room < 1:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's block_size="
+                        f"{model.config.block_size}: pass --max_new_tokens={model.config.block_size // 2} or less")
+    if len(prompt) > room:
+        print(f"warning: the prompt has {len(prompt)} tokens and {cfg.max_new_tokens} new ones must fit in block_size="
+              f"{model.config.block_size}: keeping its last {room} tokens")
+        prompt = prompt[-room:]
+    if max(prompt) >= model.config.vocab_size:
+        raise UserError(f"the prompt has token id {max(prompt)} >= the model's vocab_size={model.config.vocab_size}: this "
+                        f"model cannot read GPT-2 text (when training it, pass --sample_every=0)")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    tokens, logprobs = generate(model, prompt, cfg.num_samples, cfg.max_new_tokens, top_k=cfg.top_k,
+                                temperature=cfg.temperature, generator=generator,
+                                vocab_limit=min(enc.n_vocab, model.config.vocab_size), autocast=autocast)
+    prompt_text = enc.decode(prompt)
+    records = []
+    for i, (row, row_logprobs) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
+        completion = enc.decode(row)
+        print(f"sample {i}: {prompt_text + completion!r}")  # repr: one line per sample, whatever the text holds
+        mean_logprob = sum(row_logprobs) / len(row_logprobs)
+        records.append({"prompt": prompt_text, "completion": completion, "tokens": row,
+                        "mean_logprob": mean_logprob, "perplexity": math.exp(-mean_logprob)})
+    return records
+
+
 # --- checkpoints ---
 
+
 CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the Config fields that shape the model
 
 
 def checkpoint_path(log_dir, step):
@@ -574,10 +1281,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_config(cfg):
-    return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
-
-
 def load_model(path, device="cpu"):
     """Our GPT with the weights of checkpoint `path`, or of a Hugging Face GPT-2 (see is_hf_model)."""
     if is_hf_model(path):
@@ -590,10 +1293,10 @@ def load_model(path, device="cpu"):
 
 # --- Hugging Face interop ---
 
+
 HF_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four, also as openai-community/NAME
 # Hugging Face's GPT-2 stores these four weights as Conv1D (in, out); ours are nn.Linear (out, in)
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_VOCAB = 50257  # the tokenizer's size; our vocab_size may be padded beyond it
 # tiktoken builds its gpt2 encoding from these two files, which are GPT-2's vocab.json and merges.txt (same bytes);
 # the addresses and SHA-256 are those in tiktoken_ext/openai_public.py, so tiktoken's cache serves them offline
 GPT2_TOKENIZER_FILES = {
@@ -666,8 +1369,6 @@ def to_hf_model(model):
 
 def gpt2_tokenizer_files(model_max_length):
     """{file name: bytes} for GPT-2's tokenizer (as transformers reads it), or None when tiktoken cannot get its files."""
-    import json
-
     from tiktoken.load import read_file_cached
 
     try:
@@ -715,441 +1416,7 @@ def export_hf(model, export_dir):
     return written
 
 
-# --- distributed setup ---
-
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_master(self):
-        return self.rank == 0
-
-
-def resolve_device(name, local_rank=0):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name}: expected auto, cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but torch sees no CUDA GPU: use --device=cpu or --device=auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps but MPS is not available: use --device=cpu or --device=auto")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-
-
-def setup_distributed(device_name):
-    """Reads torchrun's environment (if any), joins the process group and picks this rank's device."""
-    if "RANK" not in os.environ:
-        return Dist(0, 0, 1, resolve_device(device_name))
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = resolve_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # torchrun --max-restarts keeps one key-value store across restarts; without a prefix of their own, the
-    # restarted ranks read the dead ranks' addresses and gloo hangs connecting to them
-    store, _, _ = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                            world_size=world_size)
-    return Dist(rank, local_rank, world_size, device)
-
-
-def teardown_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# --- eval ---
-
-
-@torch.no_grad()
-def evaluate_loss(model, loader, steps, device, autocast):
-    """Token-weighted mean loss over the same `steps` batches of every rank, all-reduced."""
-    loader.reset()
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss sum, token count)
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            _, loss = model(x, y)
-        totals[0] += loss.double() * y.numel()
-        totals[1] += y.numel()
-    all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
-
-
-def check_sampling(cfg):
-    """One-line errors for sampling settings that generate() cannot use."""
-    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 1)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least {low}")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature={cfg.temperature}: must be > 0 (for greedy decoding pass --top_k=1)")
-
-
-def print_samples(model, enc, device, autocast, cfg):
-    """Prints cfg.num_samples samples of cfg.prompt, seeded with cfg.seed so they can be compared across steps.
-
-    The training loop's periodic samples and --mode=sample both come from here. Returns one
-    record per sample: the prompt, the completion's text and token ids, and the mean
-    log-probability and perplexity of the sampled tokens (see generate for which distribution).
-    """
-    prompt = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # GPT-2's unconditional samples start at <|endoftext|>
-    room = model.config.block_size - cfg.max_new_tokens
-    if room < 1:
-        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's block_size="
-                        f"{model.config.block_size}: pass --max_new_tokens={model.config.block_size // 2} or less")
-    if len(prompt) > room:
-        print(f"warning: the prompt has {len(prompt)} tokens and {cfg.max_new_tokens} new ones must fit in block_size="
-              f"{model.config.block_size}: keeping its last {room} tokens")
-        prompt = prompt[-room:]
-    if max(prompt) >= model.config.vocab_size:
-        raise UserError(f"the prompt has token id {max(prompt)} >= the model's vocab_size={model.config.vocab_size}: this "
-                        f"model cannot read GPT-2 text (when training it, pass --sample_every=0)")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    tokens, logprobs = generate(model, prompt, cfg.num_samples, cfg.max_new_tokens, top_k=cfg.top_k,
-                                temperature=cfg.temperature, generator=generator,
-                                vocab_limit=min(enc.n_vocab, model.config.vocab_size), autocast=autocast)
-    prompt_text = enc.decode(prompt)
-    records = []
-    for i, (row, row_logprobs) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
-        completion = enc.decode(row)
-        print(f"sample {i}: {prompt_text + completion!r}")  # repr: one line per sample, whatever the text holds
-        mean_logprob = sum(row_logprobs) / len(row_logprobs)
-        records.append({"prompt": prompt_text, "completion": completion, "tokens": row,
-                        "mean_logprob": mean_logprob, "perplexity": math.exp(-mean_logprob)})
-    return records
-
-
-# --- train ---
-
-# dense bf16 tensor-core peak FLOP/s, for MFU; the first name found in the device name wins
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
-LOCAL_KEYS = ("data_dir", "log_dir", "init_from", "device", "debug")  # where and how to run, never taken from a checkpoint
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def get_lr(step, cfg):
-    """Linear warmup, cosine decay to min_lr over lr_decay_steps (default: until max_steps), then min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    decay_steps = cfg.lr_decay_steps or cfg.max_steps - cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(decay_steps, 1)
-    if progress >= 1:
-        return cfg.min_lr
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
-
-
-def make_autocast(dtype, device):
-    """(a function returning the autocast context for --dtype, whether it is bfloat16); auto = bfloat16 on CUDA only."""
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"--dtype={dtype}: expected auto, float32 or bfloat16")
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
-        torch.backends.cudnn.allow_tf32 = True
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    return autocast, use_bf16
-
-
-def make_plotter(log_file, out_file):
-    """A function that redraws out_file from log_file. A failure is reported once and never stops training."""
-    failed = False
-
-    def refresh():
-        nonlocal failed
-        if failed:
-            return
-        try:
-            import plot  # matplotlib is imported only here, and only on rank 0
-            plot.plot_log(log_file, out_file)
-        except Exception as e:
-            failed = True
-            print(f"warning: cannot draw {out_file} ({type(e).__name__}: {e}); training goes on without the plot")
-
-    return refresh
-
-
-def start_wandb(cfg):
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb_log=1 but wandb is not installed: pip install wandb (then wandb login), "
-                        "or pass --wandb_log=0") from None
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
-
-
-def is_due(every, step, last):
-    return every > 0 and (step % every == 0 or last)
-
-
-def resume_config(cfg, overridden, saved, path):
-    """The checkpoint's settings with this command line's overrides on top. The model's shape cannot change."""
-    for k in MODEL_KEYS:
-        if k in overridden and getattr(cfg, k) != saved[k]:
-            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with checkpoint {path}, which has {k}={saved[k]}: "
-                            f"drop --{k}, or start a new run with another --log_dir")
-    known = {f.name for f in dataclasses.fields(Config)}
-    merged = Config(**{k: v for k, v in saved.items() if k in known})
-    for k in set(overridden) | set(LOCAL_KEYS):
-        setattr(merged, k, getattr(cfg, k))
-    return merged
-
-
-def hf_config(cfg, overridden, model, name):
-    """cfg with the model fields of a Hugging Face GPT-2 (`model`, already loaded as ours).
-
-    Overrides may only repeat them, except a shorter --block_size, which keeps the first
-    position embeddings (fine-tuning with a shorter context).
-    """
-    theirs = dataclasses.asdict(model.config)
-    for k in MODEL_KEYS:
-        if k in overridden and getattr(cfg, k) != theirs[k] and not (k == "block_size" and cfg.block_size < theirs[k]):
-            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with {name}, which has {k}={theirs[k]}: drop --{k}")
-    if cfg.block_size < theirs["block_size"] and "block_size" in overridden:
-        model.crop_block_size(cfg.block_size)
-    return dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_KEYS})
-
-
-def grad_accum_steps(cfg, world_size):
-    per_micro_step = cfg.micro_batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % per_micro_step:
-        nearest = max(1, round(cfg.total_batch_size / per_micro_step)) * per_micro_step
-        raise UserError(f"total_batch_size={cfg.total_batch_size} is not divisible by micro_batch_size*block_size*world_size"
-                        f" = {cfg.micro_batch_size}*{cfg.block_size}*{world_size} = {per_micro_step}: use a multiple of "
-                        f"{per_micro_step} such as --total_batch_size={nearest}, or change micro_batch_size")
-    return cfg.total_batch_size // per_micro_step
-
-
-def prepare_log_dir(log_dir, start_step):
-    """Makes log_dir and cuts log.txt back to the steps before start_step (they are logged again)."""
-    log_file = os.path.join(log_dir, "log.txt")
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-        for leftover in glob.glob(os.path.join(log_dir, "*.tmp")):
-            os.remove(leftover)  # a checkpoint or log whose writer was killed
-        lines = []
-        if os.path.exists(log_file):
-            with open(log_file) as f:
-                lines = [line for line in f if line.endswith("\n") and line.split(" ", 1)[0].isdigit()
-                         and int(line.split(" ", 1)[0]) < start_step]  # a line cut short by a kill is dropped
-        with open(log_file + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(log_file + ".tmp", log_file)
-    except OSError as e:
-        raise UserError(f"cannot write to log_dir {log_dir}/ ({e.strerror}): "
-                        f"fix its permissions or pass --log_dir=PATH") from None
-    return log_file
-
-
-def train(cfg, overridden):
-    d = setup_distributed(cfg.device)
-    try:
-        run_training(cfg, overridden, d)
-    finally:
-        teardown_distributed()
-
-
-def run_training(cfg, overridden, d):
-    say = print if d.is_master else (lambda *args, **kwargs: None)
-
-    # where to start: a checkpoint's complete state, a Hugging Face GPT-2's weights, or a fresh model
-    path = hf_model = None
-    if cfg.init_from == "resume":
-        found = list_checkpoints(cfg.log_dir)
-        path = found[-1][1] if found else None
-        if path is None:
-            say(f"init_from=resume: no checkpoint in {cfg.log_dir}/, starting from scratch")
-    elif cfg.init_from == "scratch" or is_hf_model(cfg.init_from):
-        found = list_checkpoints(cfg.log_dir)
-        if found:
-            raise UserError(f"log_dir {cfg.log_dir}/ already holds checkpoints (newest {found[-1][1]}): "
-                            f"pass --init_from=resume to continue that run, or another --log_dir")
-        if cfg.init_from != "scratch":
-            hf_model = load_hf_model(cfg.init_from)
-            cfg = hf_config(cfg, overridden, hf_model, cfg.init_from)
-            say(f"fine-tuning {cfg.init_from}: its weights, from step 0 with a fresh optimizer")
-    else:
-        path = cfg.init_from
-    ckpt = load_checkpoint(path) if path else None
-    if ckpt:
-        cfg = resume_config(cfg, overridden, ckpt["config"], path)
-        say(f"resuming from {path} (step {ckpt['step']}) with its settings, overridden by: {sorted(overridden) or 'nothing'}")
-    say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = d.device
-    autocast, use_bf16 = make_autocast(cfg.dtype, device)
-    B, T = cfg.micro_batch_size, cfg.block_size
-    grad_accum = grad_accum_steps(cfg, d.world_size)
-    model_cfg = model_config(cfg)
-    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size)
-    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, d.rank, d.world_size, cfg.vocab_size) if cfg.val_every else None
-    hella_examples = None
-    if cfg.hellaswag_every:
-        import hellaswag
-        hella_examples = hellaswag.load_examples("val", cfg.hellaswag_file or None, is_master=d.is_master)
-    enc = None
-    if cfg.sample_every and d.is_master:
-        check_sampling(cfg)
-        enc = get_tokenizer()
-    wandb_run = None
-    if cfg.wandb_log and d.is_master:
-        wandb_run = start_wandb(cfg)
-
-    raw_model = hf_model if hf_model is not None else GPT(model_cfg)
-    start_step = 0
-    if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-    raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device.type)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["loader"])
-        start_step = ckpt["step"]
-        if ckpt["world_size"] == d.world_size:
-            set_rng_state(ckpt["rng"][d.rank])
-        else:
-            say(f"checkpoint was written by {ckpt['world_size']} ranks, now {d.world_size}: "
-                f"the loader continues at the same token, random states start from the seed")
-        del ckpt
-    # training and validation (fixed shapes) run compiled; sampling and HellaSwag use raw_model
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    train_model = model
-    if dist.is_initialized():
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-
-    log_file = None
-    if d.is_master:
-        log_file = prepare_log_dir(cfg.log_dir, start_step)
-    flops_per_token = raw_model.flops_per_token(T)
-    peak = peak_flops(device)
-    say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
-        f"= {cfg.total_batch_size:,} tokens per step | {device} | {'bfloat16' if use_bf16 else 'float32'}")
-
-    def log(line):
-        if log_file:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
-
-    def metrics(step, **values):
-        if wandb_run:
-            wandb_run.log(values, step=step)
-
-    refresh_plot = make_plotter(log_file, os.path.join(cfg.log_dir, "log.png")) if log_file else (lambda: None)
-
-    for step in range(start_step, cfg.max_steps + 1):
-        last = step == cfg.max_steps
-        evaluated = False
-        if val_loader and is_due(cfg.val_every, step, last):
-            val_loss = evaluate_loss(model, val_loader, cfg.val_steps, device, autocast)
-            say(f"step {step:6d} | val loss {val_loss:.4f}")
-            log(f"{step} val {val_loss:.4f}")
-            metrics(step, **{"val/loss": val_loss})
-            evaluated = True
-        if hella_examples and is_due(cfg.hellaswag_every, step, last):
-            result = hellaswag.evaluate(raw_model, hella_examples, device, autocast=autocast,
-                                        rank=d.rank, world_size=d.world_size)
-            say(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
-            log(f"{step} hella {result['acc_norm']:.4f}")
-            metrics(step, **{"hellaswag/acc_norm": result["acc_norm"]})
-            evaluated = True
-        if evaluated:
-            refresh_plot()
-        if enc and is_due(cfg.sample_every, step, last):
-            print_samples(raw_model, enc, device, autocast, cfg)
-        if last:
-            break
-
-        t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = train_loader.next_batch()
-            if device.type == "cuda":
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-            else:
-                x, y = x.to(device), y.to(device)
-            # DDP all-reduces gradients only in the last micro-step's backward
-            is_last_micro = micro_step == grad_accum - 1
-            with nullcontext() if is_last_micro or train_model is model else train_model.no_sync():
-                with autocast():
-                    _, loss = train_model(x, y)
-                loss = loss / grad_accum  # the gradient of the mean over the whole batch
-                loss_accum += loss.detach()
-                loss.backward()
-        loss_accum = all_reduce_sum(loss_accum) / d.world_size
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if finite:
-            optimizer.step()
-        elif not cfg.skip_nonfinite:
-            raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
-                            f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elif device.type == "mps":
-            torch.mps.synchronize()
-        dt = time.time() - t0
-        tokens_per_sec = cfg.total_batch_size / dt
-        mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
-        if finite:
-            say(f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:7.4f} | "
-                f"dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}")
-            log(f"{step} train {loss_value:.6f}")
-            metrics(step, **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens_per_sec": tokens_per_sec})
-        else:
-            say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
-
-        completed = step + 1
-        if cfg.checkpoint_every and (completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps):
-            rng = [None] * d.world_size
-            if dist.is_initialized():
-                dist.all_gather_object(rng, rng_state())
-            else:
-                rng = [rng_state()]
-            if d.is_master:
-                state = {"model": clean_state_dict(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
-                         "step": completed, "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(),
-                         "world_size": d.world_size, "rng": rng}
-                path = checkpoint_path(cfg.log_dir, completed)
-                save_checkpoint(path, state)
-                say(f"saved {path}")
-                if cfg.keep_checkpoints:
-                    for _, old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
-                        os.remove(old)
-    if wandb_run:
-        wandb_run.finish()
-
-
-# --- sample and export ---
+# --- command line ---
 
 
 def model_to_use(cfg):
@@ -1167,8 +1434,6 @@ def model_to_use(cfg):
 
 def sample(cfg):
     """--mode=sample: prints samples of cfg.prompt and, with --samples_file, writes them as JSON lines."""
-    import json
-
     check_sampling(cfg)
     device = resolve_device(cfg.device)
     autocast, _ = make_autocast(cfg.dtype, device)
@@ -1212,6 +1477,4 @@ def main(cfg, overridden):
 
 
 if __name__ == "__main__":
-    # hellaswag.py and plot.py import gpt2: let them share this module (and its UserError) instead of a second copy
-    sys.modules.setdefault("gpt2", sys.modules["__main__"])
     run_cli(main, Config(), sys.argv[1:])

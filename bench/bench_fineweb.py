@@ -312,6 +312,6 @@ if __name__ == "__main__":
         nanogpt_method(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
         sys.path.insert(0, ROOT)
-        from gpt2 import run_cli
+        from cli import run_cli
 
         run_cli(main, Config(), sys.argv[1:])

@@ -76,6 +76,6 @@ def run(cfg, overridden):
 
 
 if __name__ == "__main__":
-    import gpt2
+    from cli import run_cli
 
-    gpt2.run_cli(run, BenchConfig(), sys.argv[1:])
+    run_cli(run, BenchConfig(), sys.argv[1:])

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import describe  # noqa: E402
 
 import gpt2  # noqa: E402
+from cli import run_cli  # noqa: E402
 
 
 @dataclass
@@ -97,4 +98,4 @@ def main(cfg, _):
 
 
 if __name__ == "__main__":
-    gpt2.run_cli(main, Config(), sys.argv[1:])
+    run_cli(main, Config(), sys.argv[1:])

@@ -1,11 +1,11 @@
 """
-HellaSwag scoring speed: hellaswag.py's batched scorer against build-nanogpt's one example per forward pass.
+HellaSwag scoring speed: gpt2.py's batched HellaSwag scorer against build-nanogpt's one example per forward pass.
 
     python bench/bench_hellaswag.py                        # GPT-2 124M shape, random init, 64 examples, CPU
     python bench/bench_hellaswag.py --n_layer=4 --n_examples=32 --device=cuda
 
 The examples are written in HellaSwag's jsonl schema with random words, at lengths like the val set's
-(a third short ActivityNet-style, two thirds long WikiHow-style), and read back with hellaswag.load_examples.
+(a third short ActivityNet-style, two thirds long WikiHow-style), and read back with gpt2.load_hellaswag.
 The three methods run on the same chunks of examples in turn, so a busy machine slows them alike.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import describe  # noqa: E402
 
 import gpt2  # noqa: E402
-import hellaswag  # noqa: E402
+from cli import run_cli  # noqa: E402
 
 # --- config ---
 
@@ -108,7 +108,7 @@ def main(cfg, overridden):
         path = os.path.join(tmp, "hellaswag_val.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in make_rows(cfg.n_examples, cfg.seed))
-        examples = hellaswag.load_examples("val", path)
+        examples = gpt2.load_hellaswag("val", path)
     ctx = sum(len(ex.context) for ex in examples) / len(examples)
     end = sum(len(e) for ex in examples for e in ex.endings) / (4 * len(examples))
     print(describe(device))
@@ -119,8 +119,8 @@ def main(cfg, overridden):
     methods = {
         "one example per forward, full logits (build-nanogpt)": lambda chunk: [one_per_forward(model, ex, device)
                                                                                for ex in chunk],
-        "hellaswag.py, 1 example per forward": lambda chunk: hellaswag.score(model, chunk, device, batch_size=1),
-        f"hellaswag.py, {cfg.batch_size} examples per forward": lambda chunk: hellaswag.score(
+        "ours, 1 example per forward": lambda chunk: gpt2.score_endings(model, chunk, device, batch_size=1),
+        f"ours, {cfg.batch_size} examples per forward": lambda chunk: gpt2.score_endings(
             model, chunk, device, batch_size=cfg.batch_size),
     }
     for run in methods.values():  # warm up allocators and kernels
@@ -136,7 +136,7 @@ def main(cfg, overridden):
             sync(device)
             seconds[name] += time.perf_counter() - t0
 
-    # the same scores: build-nanogpt's per-ending sums and means against hellaswag.score's
+    # the same scores: build-nanogpt's per-ending sums and means against gpt2.score_endings's
     base_sum = torch.stack([s for part in outputs[next(iter(methods))] for s, _ in part])  # (N, 4)
     base_mean = torch.stack([m for part in outputs[next(iter(methods))] for _, m in part])  # (N, 4)
     labels = torch.tensor([ex.label for ex in examples])
@@ -154,4 +154,4 @@ def main(cfg, overridden):
 
 
 if __name__ == "__main__":
-    gpt2.run_cli(main, Config(), sys.argv[1:])
+    run_cli(main, Config(), sys.argv[1:])

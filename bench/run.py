@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from gpt2 import run_cli  # noqa: E402
+from cli import run_cli  # noqa: E402
 
 # name, script and arguments, the pattern of its headline figure in the output, the target it should meet
 SUITE = [

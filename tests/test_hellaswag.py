@@ -1,4 +1,5 @@
-"""hellaswag.py: data loading and caching, the scorer against independent computations, the CLI, and two ranks."""
+"""HellaSwag (gpt2.py's scorer and hellaswag.py's command line): data loading and caching, the scorer against independent
+computations, the CLI, two ranks, and errors during training."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 import tiktoken
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, TINY, run_gpt2
 
 import gpt2
 import hellaswag
@@ -82,7 +83,7 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def examples(data_file):
-    return hellaswag.load_examples("val", data_file)
+    return gpt2.load_hellaswag("val", data_file)
 
 
 def run_hellaswag(*args, torchrun_ranks=0):
@@ -160,20 +161,20 @@ def test_malformed_line_is_named(tmp_path, bad, problem):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + bad + "\n")
     with pytest.raises(gpt2.UserError) as e:
-        hellaswag.load_examples("val", str(path))
+        gpt2.load_hellaswag("val", str(path))
     message = str(e.value)
     assert f"{path} line 3" in message and problem in message and "\n" not in message
 
 
 def test_missing_data_file_says_how_to_fix(tmp_path):
     with pytest.raises(gpt2.UserError, match="does not exist"):
-        hellaswag.load_examples("val", str(tmp_path / "nope.jsonl"))
+        gpt2.load_hellaswag("val", str(tmp_path / "nope.jsonl"))
 
 
 def test_cached_file_is_read_without_download(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "hellaswag_val.jsonl", ROWS[:2])
-    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda *a, **k: pytest.fail("tried to download"))
-    got = hellaswag.load_examples("val", cache_dir=str(tmp_path), url="file:///nonexistent")
+    monkeypatch.setattr(gpt2.urllib.request, "urlopen", lambda *a, **k: pytest.fail("tried to download"))
+    got = gpt2.load_hellaswag("val", cache_dir=str(tmp_path), url="file:///nonexistent")
     assert [ex.label for ex in got] == [3, 1]
 
 
@@ -191,17 +192,17 @@ def test_download_is_atomic_and_then_cached(tmp_path, monkeypatch):
         replaced.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(hellaswag.os, "replace", replace)
-    got = hellaswag.load_examples("val", cache_dir=str(cache), url=f"file://{tmp_path}")
+    monkeypatch.setattr(gpt2.os, "replace", replace)
+    got = gpt2.load_hellaswag("val", cache_dir=str(cache), url=f"file://{tmp_path}")
     assert len(got) == len(ROWS) and replaced == [str(target)]
     assert os.listdir(cache) == ["hellaswag_val.jsonl"]  # no temporary file left behind
-    assert hellaswag.load_examples("val", cache_dir=str(cache), url="file:///nonexistent", limit=2)[1] == got[1]
+    assert gpt2.load_hellaswag("val", cache_dir=str(cache), url="file:///nonexistent", limit=2)[1] == got[1]
 
 
 def test_failed_download_says_pass_data_file(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(gpt2.UserError) as e:
-        hellaswag.load_examples("val", cache_dir=str(cache), url=f"file://{tmp_path}/missing")
+        gpt2.load_hellaswag("val", cache_dir=str(cache), url=f"file://{tmp_path}/missing")
     assert "--data_file=PATH" in str(e.value) and "\n" not in str(e.value)
     assert not cache.exists() or os.listdir(cache) == []
 
@@ -235,11 +236,11 @@ def test_acc_sums_and_acc_norm_averages():
                [1, 1, 1, 1],  # sum 6.0, mean 1.5: best by mean
                [2, 2],  # sum 5.0, mean 2.5: best by sum
                [1, 2, 2, 1]]  # sum 8.0, mean 2.0
-    examples = [hellaswag.Example([0, 1, 2], endings, label) for label in (0, 1, 2, 3, 2)]
-    sums, counts = hellaswag.score(model, examples, "cpu")
+    examples = [gpt2.HellaSwagExample([0, 1, 2], endings, label) for label in (0, 1, 2, 3, 2)]
+    sums, counts = gpt2.score_endings(model, examples, "cpu")
     assert torch.allclose(sums[0], torch.tensor([7.5, 6.0, 5.0, 8.0]), atol=1e-5)
     assert counts[0].tolist() == [3, 4, 2, 4]
-    result = hellaswag.evaluate(model, examples, "cpu")
+    result = gpt2.evaluate_hellaswag(model, examples, "cpu")
     assert result == {"n": 5, "acc": 2 / 5, "acc_norm": 1 / 5}
 
 
@@ -254,7 +255,7 @@ def reference(examples):
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_packed_scores_equal_separate_rows(reference, examples, batch_size):
     model, expected = reference
-    sums, counts = hellaswag.score(model, examples, "cpu", batch_size=batch_size)
+    sums, counts = gpt2.score_endings(model, examples, "cpu", batch_size=batch_size)
     assert torch.allclose(sums, torch.tensor([[e.sum().item() for e in ex] for ex in expected]), rtol=1e-5, atol=1e-4)
     assert counts.tolist() == [[len(e) for e in ex.endings] for ex in examples]
 
@@ -264,13 +265,22 @@ def test_examples_longer_than_block_size_are_cut(examples):
     assert max(len(ex.context) + max(map(len, ex.endings)) for ex in examples) > 24
     with torch.no_grad():
         expected = reference_losses(model, examples, block_size=24)
-    sums, _ = hellaswag.score(model, examples, "cpu", batch_size=4)
+    sums, _ = gpt2.score_endings(model, examples, "cpu", batch_size=4)
     assert torch.allclose(sums, torch.tensor([[e.sum().item() for e in ex] for ex in expected]), rtol=1e-5, atol=1e-4)
 
 
 def test_small_vocab_model_is_refused(examples):
     with pytest.raises(gpt2.UserError, match="vocab_size=128"):
-        hellaswag.evaluate(tiny_gpt(vocab_size=128), examples, "cpu")
+        gpt2.evaluate_hellaswag(tiny_gpt(vocab_size=128), examples, "cpu")
+
+
+def test_error_during_training_is_one_line(shards, data_file, tmp_path):
+    """A UserError raised by HellaSwag inside the training loop reaches gpt2.py's one-line handler: exit 1, no traceback."""
+    proc = run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}", "--max_steps=2", "--val_every=0",
+                    "--hellaswag_every=1", f"--hellaswag_file={data_file}", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: HellaSwag needs GPT-2's tokenizer") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 # --- command line ---

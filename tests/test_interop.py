@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY, read_log, run_gpt2
 
+import cli
 import gpt2
 
 transformers = pytest.importorskip("transformers")
@@ -146,7 +147,7 @@ def test_wandb_gets_the_metrics_from_rank_0(tmp_path, shards, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
     cfg = gpt2.Config()
-    overridden = gpt2.apply_overrides(cfg, [*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}",
+    overridden = cli.apply_overrides(cfg, [*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}",
                                             "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2",
                                             "--val_steps=1", "--wandb_log=1", "--wandb_project=p", "--wandb_run_name=r"])
     gpt2.train(cfg, overridden)
