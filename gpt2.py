@@ -979,7 +979,7 @@ def run_training(cfg, overridden, d):
         evaluated = False
         if val_loader and is_due(cfg.val_every, step, last):
             val_loss = evaluate_loss(model, val_loader, device, autocast)
-            run_log.record(step, "val", f"{val_loss:.4f}", f"step {step:6d} | val loss {val_loss:.4f}", **{"val/loss": val_loss})
+            run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f}", **{"val/loss": val_loss})
             evaluated = True
         if hella and is_due(cfg.hellaswag_every, step, last):
             result = evaluate_hellaswag(raw_model, hella, device, autocast=autocast, rank=d.rank, world_size=d.world_size)
