@@ -50,7 +50,6 @@ from cli import UserError, run_cli
 class Config:
     # data and output
     data_dir: str = "edu_fineweb10B"  # the uint16 .npy shards written by fineweb.py
-    shuffle: bool = False  # each epoch reads the train stream's block_size windows in a new order, seeded by seed
     log_dir: str = "log"  # log.txt, log.png and the model_XXXXX.pt checkpoints
     init_from: str = "scratch"  # scratch | resume (newest in log_dir) | model_XXXXX.pt path | gpt2[-medium|-large|-xl] | HF dir
     mode: str = "train"  # train | sample (print samples from init_from) | export (init_from to a Hugging Face directory)
@@ -64,6 +63,7 @@ class Config:
     # batch
     total_batch_size: int = 524288  # tokens per optimizer step over all ranks and micro-steps (2**19, ~0.5M)
     micro_batch_size: int = 64  # sequences per forward pass on each rank; lower it if memory runs out
+    shuffle: bool = False  # each epoch reads the train stream's block_size windows in a new order, seeded by seed
     # optimizer and learning-rate schedule
     max_lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # where the decay ends: 10% of max_lr
