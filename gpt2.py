@@ -441,7 +441,7 @@ class TokenStream:
         self.vocab_size = vocab_size
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
-        self.checked = [False] * len(self.shards)  # token ids are checked when a shard is first read
+        self.arrays = [None] * len(self.shards)  # plain views of the shards (cheaper to slice), once their ids are checked
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard starts in the stream
         self.total = int(self.offsets[-1])
 
@@ -459,13 +459,13 @@ class TokenStream:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _shard(self, i):
-        if not self.checked[i]:
+        if self.arrays[i] is None:
             top = int(self.shards[i].max())
             if top >= self.vocab_size:
                 raise UserError(f"shard {self.paths[i]} holds token id {top} >= vocab_size={self.vocab_size}: "
                                 f"it was not written by python fineweb.py with the GPT-2 tokenizer; rewrite it")
-            self.checked[i] = True
-        return self.shards[i]
+            self.arrays[i] = np.asarray(self.shards[i])  # still memory-mapped
+        return self.arrays[i]
 
 
 FEISTEL_ROUNDS = 6  # Luby and Rackoff: 4 rounds of a pseudorandom function already give a pseudorandom permutation
@@ -481,21 +481,25 @@ def mix64(x):
 def shuffled_windows(slots, n, seed, epoch):
     """Where each slot of an epoch's order takes its window from: a bijection of range(n) for each (seed, epoch).
 
-    Computed for the slots asked (an int array) and never stored, so it costs no memory however long the stream: a
-    Feistel network permutes the numbers of 2k bits (the smallest even width that holds n - 1), and a result >= n
-    goes through it again until it lands below n (cycle walking: still a bijection, on range(n); < 4 passes on average).
+    Computed for the slots asked (an int array) and never stored, so it costs no memory however long the stream. A
+    Feistel network permutes the k-bit numbers (k = the bits of n - 1): each round XORs one part of the bits with a
+    keyed hash of the other part (multiply-add-shift, a universal hash) and the parts swap; a round is undone by
+    repeating it, so each is a bijection. A result >= n goes through again until it lands below n (cycle walking:
+    a bijection of range(n), < 2 passes on average since 2**k < 2n).
     """
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half) - 1)
+    k = (n - 1).bit_length()
+    width = [k - k // 2, k // 2]  # of the high and the low part; they alternate, as the parts swap
     base = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03) % 2**64
-    keys = mix64(np.array([(base + r) % 2**64 for r in range(FEISTEL_ROUNDS)], dtype=np.uint64))
+    keys = mix64(np.arange(2 * FEISTEL_ROUNDS, dtype=np.uint64) + np.uint64(base))  # wraps around, as it should
     out = np.asarray(slots, dtype=np.uint64).copy()
     todo = np.ones(len(out), dtype=bool)
     while todo.any():
-        left, right = out[todo] >> np.uint64(half), out[todo] & mask
-        for key in keys:
-            left, right = right, left ^ (mix64(right ^ key) & mask)
-        out[todo] = (left << np.uint64(half)) | right
+        high, low = out[todo] >> np.uint64(width[1]), out[todo] & np.uint64((1 << width[1]) - 1)
+        for r in range(FEISTEL_ROUNDS):
+            mask = np.uint64((1 << width[r % 2]) - 1)  # the high part's width, which the low part takes over
+            hashed = (low * (keys[2 * r] | np.uint64(1)) + keys[2 * r + 1]) >> np.uint64(32)
+            high, low = low, high ^ (hashed & mask)
+        out[todo] = (high << np.uint64(width[1 - FEISTEL_ROUNDS % 2])) | low
         todo &= out >= n
     return out.astype(np.int64)
 
@@ -547,20 +551,27 @@ class DataLoaderLite(TokenStream):
     def _read_shuffled(self, start, n):
         """n tokens of the shuffled stream from `start`: a piece of each window it crosses, read where the window is."""
         T, full = self.T, self.total // self.T * self.T  # the tokens in full windows
-        pieces = []
+        starts, ends = [], []  # the pieces, where they are in the stream
         while n > 0:
             epoch, offset = divmod(start, self.total)
             end = min(offset + n, self.total)  # the part of the read in this epoch
             if offset < full:
                 slots = np.arange(offset // T, (min(end, full) - 1) // T + 1)
-                windows = shuffled_windows(slots, full // T, self.seed, epoch)
-                for slot, window in zip(slots.tolist(), windows.tolist(), strict=True):
-                    lo, hi = max(offset, slot * T), min(end, (slot + 1) * T)
-                    pieces.append(self._read(window * T + lo - slot * T, hi - lo))
+                lo, hi = np.maximum(slots * T, offset), np.minimum((slots + 1) * T, end)  # what is read of each slot
+                moved = shuffled_windows(slots, full // T, self.seed, epoch) * T + lo - slots * T
+                starts.append(moved)
+                ends.append(moved + hi - lo)
             if end > full:  # the rest, in place, at the end of every epoch
-                pieces.append(self._read(max(offset, full), end - max(offset, full)))
+                starts.append(np.array([max(offset, full)]))
+                ends.append(np.array([end]))
             n -= end - offset
             start += end - offset
+        starts, ends = np.concatenate(starts), np.concatenate(ends)
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        inside = ends <= self.offsets[shard + 1]  # most pieces lie in one shard: sliced at once, without _read's loop
+        pieces = [self._shard(i)[a - o:b - o] if one else self._read(a, b - a)
+                  for i, o, a, b, one in zip(shard.tolist(), self.offsets[shard].tolist(), starts.tolist(), ends.tolist(),
+                                             inside.tolist(), strict=True)]
         return np.concatenate(pieces)
 
 
