@@ -347,7 +347,7 @@ def log_softmax_chunks(x, weight, keep=None, vocab=None):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, without keeping the logits.
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1: ignored), without keeping the logits.
 
     The plain path (lm_head, then F.cross_entropy) allocates the (N, vocab) logits, their log-softmax and two
     gradients of that size: with a 50304-token vocabulary they dominate memory and, on a CPU, time. The loss
@@ -739,7 +739,8 @@ def check_recipe(cfg):
             raise UserError(f"--warmdown_steps={cfg.warmdown_steps}: must be at least 0 (0 = the last 20% of max_steps)")
         warmdown = cfg.warmdown_steps or cfg.max_steps // 5
         if cfg.warmup_steps + warmdown > cfg.max_steps:
-            raise UserError(f"--warmdown_steps={warmdown} and --warmup_steps={cfg.warmup_steps} are longer than the run "
+            named = f"--warmdown_steps={warmdown}" if cfg.warmdown_steps else f"the warmdown ({warmdown} steps, 20% of max_steps)"
+            raise UserError(f"{named} and --warmup_steps={cfg.warmup_steps} are longer than the run "
                             f"(--max_steps={cfg.max_steps}): lower them or raise max_steps")
     if cfg.val_every and cfg.val_tokens < 1:
         raise UserError(f"--val_tokens={cfg.val_tokens}: must be at least 1 (or pass --val_every=0 to skip validation)")
