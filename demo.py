@@ -45,13 +45,13 @@ class DemoConfig:
     max_steps: int = 150  # ~0.15M tokens: val loss ~10.7 -> ~5.8, about 3 minutes on 2 idle cores
     max_lr: float = 2e-3  # a tiny model learns fast at a high rate
     val_every: int = 50
-    val_steps: int = 5
+    val_loss_tokens: int = 5120  # validation loss over the first N tokens of the val split
     prompt: str = "The import statement"
     quick: bool = False  # a much shorter run (tests, a first look): a smaller corpus and model, 20 steps
 
 
 QUICK = dict(max_chars=300_000, val_tokens=5_000, n_layer=2, n_head=2, n_embd=64, block_size=64, micro_batch_size=8,
-             max_steps=20, val_every=10, val_steps=2, max_lr=4e-3)
+             max_steps=20, val_every=10, val_loss_tokens=1024, max_lr=4e-3)
 
 
 # --- corpus ---
@@ -193,7 +193,8 @@ def main(cfg, overridden):
     run("gpt2.py", f"--data_dir={data_dir}", f"--log_dir={log_dir}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
         f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}", f"--micro_batch_size={cfg.micro_batch_size}",
         f"--total_batch_size={batch}", f"--max_steps={cfg.max_steps}", f"--warmup_steps={max(1, cfg.max_steps // 20)}",
-        f"--max_lr={cfg.max_lr}", f"--min_lr={cfg.max_lr / 10}", f"--val_every={cfg.val_every}", f"--val_steps={cfg.val_steps}",
+        f"--max_lr={cfg.max_lr}", f"--min_lr={cfg.max_lr / 10}", f"--val_every={cfg.val_every}",
+        f"--val_tokens={cfg.val_loss_tokens}",
         "--hellaswag_every=0", "--sample_every=0", "--compile=0", "--device=cpu", "--dtype=float32")
     run("plot.py", os.path.join(log_dir, "log.txt"))
     run("gpt2.py", "--mode=sample", "--init_from=resume", f"--log_dir={log_dir}", f"--prompt={cfg.prompt}",

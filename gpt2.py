@@ -63,25 +63,28 @@ class Config:
     # batch
     total_batch_size: int = 524288  # tokens per optimizer step over all ranks and micro-steps (2**19, ~0.5M)
     micro_batch_size: int = 64  # sequences per forward pass on each rank; lower it if memory runs out
+    shuffle: bool = False  # each epoch reads the train stream's block_size windows in a new order, seeded by seed
     # optimizer and learning-rate schedule
     max_lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # where the cosine ends: 10% of max_lr
+    min_lr: float = 6e-5  # where the decay ends: 10% of max_lr
     warmup_steps: int = 715  # linear warmup (375M tokens, as GPT-3)
     max_steps: int = 19073  # optimizer steps: 19073 * 524288 = 10B tokens, one epoch of sample-10BT
+    lr_schedule: str = "cosine"  # cosine (after warmup) | wsd (warmup, max_lr constant, then a warmdown to min_lr)
     lr_decay_steps: int = 0  # cosine length after warmup; 0 = until max_steps; after it lr stays at min_lr
+    warmdown_steps: int = 0  # wsd: the last N steps decay to min_lr (1 - sqrt); 0 = the last 20% of max_steps
     weight_decay: float = 0.1  # on matmul and embedding weights only
     beta1: float = 0.9  # AdamW betas and eps, as GPT-3
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
-    seed: int = 1337  # model init and sampling
+    seed: int = 1337  # model init, sampling and the shuffled order
     # system
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     compile: bool = True  # torch.compile the model for training and validation
     # evaluation, sampling and checkpoints (every N optimizer steps; 0 disables)
     val_every: int = 250  # validation loss...
-    val_steps: int = 20  # ...over this many micro-batches per rank, the same ones each time
+    val_tokens: int = 10_485_760  # ...over the first N tokens of the val split, the same for any number of ranks
     hellaswag_every: int = 250  # HellaSwag acc_norm on the val split
     hellaswag_file: str = ""  # a local hellaswag_val.jsonl; "" = download it once to the cache
     sample_every: int = 250  # print a few samples from the prompt below
@@ -344,7 +347,7 @@ def log_softmax_chunks(x, weight, keep=None, vocab=None):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, without keeping the logits.
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1: ignored), without keeping the logits.
 
     The plain path (lm_head, then F.cross_entropy) allocates the (N, vocab) logits, their log-softmax and two
     gradients of that size: with a 50304-token vocabulary they dominate memory and, on a CPU, time. The loss
@@ -358,26 +361,30 @@ class LinearCrossEntropy(torch.autograd.Function):
     @torch.compiler.disable  # fused by hand already; traced by torch.compile, its in-place steps become copies
     def forward(ctx, x, weight, targets, keep=None):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # a target of -1 is ignored (F.cross_entropy's ignore_index=-1): validation pads with them; the mean is over
+        # the rest, so all rows ignored gives 0/0 = nan, as there. Multiplying by `valid` costs (N, C), not (N, vocab)
+        valid = (targets >= 0).unsqueeze(1)  # (N, 1)
+        count = valid.sum().float()
         loss = torch.zeros((), device=x.device)
         dx = torch.empty_like(x) if need_grad else None
         dweight = None  # float32 while it accumulates over chunks
         for rows, logp, dtype in log_softmax_chunks(x, weight, keep):
-            tc = targets[rows, None]  # (r, 1)
-            loss -= logp.gather(1, tc).sum()
+            tc, vc = targets[rows, None].clamp(min=0), valid[rows]  # (r, 1)
+            loss -= (logp.gather(1, tc) * vc).sum()
             if need_grad:
                 # d(sum of the chunk's losses)/d(logits) = softmax - one_hot(targets), back in the matmul's dtype
                 grad = logp.exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=x.device)).to(dtype)
-                dx[rows] = grad @ weight
-                part = grad.t() @ x[rows]  # (vocab, C)
+                dx[rows] = (grad @ weight) * vc
+                part = grad.t() @ (x[rows] * vc)  # (vocab, C)
                 dweight = part.float() if dweight is None else dweight.add_(part)
         if need_grad:
-            ctx.save_for_backward(dx, dweight.to(weight.dtype))
-        return loss / x.size(0)
+            ctx.save_for_backward(dx, dweight.to(weight.dtype), count)
+        return loss / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dx, dweight = ctx.saved_tensors
-        scale = grad_loss / dx.size(0)  # the mean over rows, and whatever came after the loss
+        dx, dweight, count = ctx.saved_tensors
+        scale = grad_loss / count  # the mean over rows, and whatever came after the loss
         # in place: a second backward through this graph would raise (saved tensors modified), not go wrong
         return dx.mul_(scale), dweight.mul_(scale), None, None
 
@@ -423,50 +430,20 @@ def open_shard(path):
     return tokens
 
 
-class DataLoaderLite:
-    """B x T windows of tokens from the shards of one split, for one rank.
+class TokenStream:
+    """The shards of one split, in sorted name order, as one memory-mapped token stream that wraps around at its end.
 
-    The shards, in sorted name order, form one token stream that wraps around at its end,
-    so no token is wasted at a shard end: a window that runs past one shard continues into
-    the next, and past the last shard into the first (the next epoch). Each batch, rank r
-    reads the B*T+1 tokens starting at position + r*B*T (targets are inputs shifted by one)
-    and then every rank moves position on by B*T*world_size. So `position` is the loader's
-    whole state: the same on every rank and meaningful for any world size.
+    A read that runs past one shard continues into the next, and past the last shard into the first, so no token is
+    wasted at a shard end. Token ids are checked against vocab_size when a shard is first read.
     """
 
-    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=50304):
-        self.B, self.T = B, T
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, data_dir, split, vocab_size=50304):
         self.vocab_size = vocab_size
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
-        self.checked = [False] * len(self.shards)  # token ids are checked when a shard is first read
+        self.arrays = [None] * len(self.shards)  # plain views of the shards (cheaper to slice), once their ids are checked
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard starts in the stream
         self.total = int(self.offsets[-1])
-        needed = B * T * world_size + 1
-        if self.total < needed:
-            raise UserError(f"the {split} shards in {data_dir}/ hold {self.total} tokens, fewer than one batch needs "
-                            f"(micro_batch_size*block_size*world_size+1 = {needed}): lower those settings "
-                            f"or write more data with python fineweb.py")
-        self.position = 0
-
-    def reset(self):
-        self.position = 0
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = int(state["position"])
-
-    def next_batch(self):
-        B, T = self.B, self.T
-        buf = self._read(self.position + self.rank * B * T, B * T + 1)
-        buf = torch.from_numpy(buf.astype(np.int64))
-        x = buf[:-1].view(B, T)  # inputs
-        y = buf[1:].view(B, T)  # targets
-        self.position += B * T * self.world_size
-        return x, y
 
     def _read(self, start, n):
         """n tokens of the stream from `start`, across shard ends and around the end of the stream."""
@@ -482,13 +459,156 @@ class DataLoaderLite:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _shard(self, i):
-        if not self.checked[i]:
+        if self.arrays[i] is None:
             top = int(self.shards[i].max())
             if top >= self.vocab_size:
                 raise UserError(f"shard {self.paths[i]} holds token id {top} >= vocab_size={self.vocab_size}: "
                                 f"it was not written by python fineweb.py with the GPT-2 tokenizer; rewrite it")
-            self.checked[i] = True
-        return self.shards[i]
+            self.arrays[i] = np.asarray(self.shards[i])  # still memory-mapped
+        return self.arrays[i]
+
+
+FEISTEL_ROUNDS = 6  # Luby and Rackoff: 4 rounds of a pseudorandom function already give a pseudorandom permutation
+
+
+def mix64(x):
+    """splitmix64's finalizer: uint64 array -> uint64 array, every input bit spread over every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffled_windows(slots, n, seed, epoch):
+    """Where each slot of an epoch's order takes its window from: a bijection of range(n) for each (seed, epoch).
+
+    Computed for the slots asked (an int array) and never stored, so it costs no memory however long the stream. A
+    Feistel network permutes the k-bit numbers (k = the bits of n - 1): each round XORs one part of the bits with a
+    keyed hash of the other part (multiply-add-shift, a universal hash) and the parts swap; a round is undone by
+    repeating it, so each is a bijection. A result >= n goes through again until it lands below n (cycle walking:
+    a bijection of range(n), < 2 passes on average since 2**k < 2n).
+    """
+    k = (n - 1).bit_length()
+    width = [k - k // 2, k // 2]  # of the high and the low part; they alternate, as the parts swap
+    base = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03) % 2**64
+    keys = mix64(np.arange(2 * FEISTEL_ROUNDS, dtype=np.uint64) + np.uint64(base))  # wraps around, as it should
+    out = np.asarray(slots, dtype=np.uint64).copy()
+    todo = np.ones(len(out), dtype=bool)
+    while todo.any():
+        high, low = out[todo] >> np.uint64(width[1]), out[todo] & np.uint64((1 << width[1]) - 1)
+        for r in range(FEISTEL_ROUNDS):
+            mask = np.uint64((1 << width[r % 2]) - 1)  # the high part's width, which the low part takes over
+            hashed = (low * (keys[2 * r] | np.uint64(1)) + keys[2 * r + 1]) >> np.uint64(32)
+            high, low = low, high ^ (hashed & mask)
+        out[todo] = (high << np.uint64(width[1 - FEISTEL_ROUNDS % 2])) | low
+        todo &= out >= n
+    return out.astype(np.int64)
+
+
+class DataLoaderLite(TokenStream):
+    """B x T windows of tokens from the shards of one split, for one rank.
+
+    The shards form one stream (TokenStream) and each epoch reads all of it. Each batch, rank r reads the B*T+1
+    tokens starting at position + r*B*T (targets are inputs shifted by one) and then every rank moves position on by
+    B*T*world_size. So `position` is the loader's whole state: the same on every rank and meaningful for any world size.
+
+    With shuffle, position counts along a shuffled stream instead: epoch e (position // total) is the stream cut into
+    windows of T tokens, the full ones in the order shuffled_windows(seed, e), then the short rest if there is one.
+    Every token is still read once per epoch, each epoch in another order, and the state is position and seed.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=50304, shuffle=False, seed=0):
+        super().__init__(data_dir, split, vocab_size)
+        self.B, self.T = B, T
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        needed = B * T * world_size + 1
+        if self.total < needed:
+            raise UserError(f"the {split} shards in {data_dir}/ hold {self.total} tokens, fewer than one batch needs "
+                            f"(micro_batch_size*block_size*world_size+1 = {needed}): lower those settings "
+                            f"or write more data with python fineweb.py")
+        self.position = 0
+
+    def reset(self):
+        self.position = 0
+
+    def state_dict(self):
+        return {"position": self.position, "seed": self.seed} if self.shuffle else {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = int(state["position"])
+        self.seed = int(state.get("seed", self.seed))  # the order a shuffled run started with, whatever --seed is now
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        read = self._read_shuffled if self.shuffle else self._read
+        buf = read(self.position + self.rank * B * T, B * T + 1)
+        buf = torch.from_numpy(buf.astype(np.int64))
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets
+        self.position += B * T * self.world_size
+        return x, y
+
+    def _read_shuffled(self, start, n):
+        """n tokens of the shuffled stream from `start`: a piece of each window it crosses, read where the window is."""
+        T, full = self.T, self.total // self.T * self.T  # the tokens in full windows
+        starts, ends = [], []  # the pieces, where they are in the stream
+        while n > 0:
+            epoch, offset = divmod(start, self.total)
+            end = min(offset + n, self.total)  # the part of the read in this epoch
+            if offset < full:
+                slots = np.arange(offset // T, (min(end, full) - 1) // T + 1)
+                lo, hi = np.maximum(slots * T, offset), np.minimum((slots + 1) * T, end)  # what is read of each slot
+                moved = shuffled_windows(slots, full // T, self.seed, epoch) * T + lo - slots * T
+                starts.append(moved)
+                ends.append(moved + hi - lo)
+            if end > full:  # the rest, in place, at the end of every epoch
+                starts.append(np.array([max(offset, full)]))
+                ends.append(np.array([end]))
+            n -= end - offset
+            start += end - offset
+        starts, ends = np.concatenate(starts), np.concatenate(ends)
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        inside = ends <= self.offsets[shard + 1]  # most pieces lie in one shard: sliced at once, without _read's loop
+        pieces = [self._shard(i)[a - o:b - o] if one else self._read(a, b - a)
+                  for i, o, a, b, one in zip(shard.tolist(), self.offsets[shard].tolist(), starts.tolist(), ends.tolist(),
+                                             inside.tolist(), strict=True)]
+        return np.concatenate(pieces)
+
+
+class ValLoader(TokenStream):
+    """The first n_tokens targets of the val split (all there are, if fewer), for one rank: the same tokens, so the
+    same token-weighted mean loss, for any number of ranks and any micro batch.
+
+    The targets are cut into sequences of T (the last may be shorter); rank r takes the r-th of world_size contiguous
+    ranges of them, B sequences per batch. Every rank yields the same number of batches, since a sharded model needs
+    every rank in every forward pass: rows past a rank's share, and past the last target, have target -1 (ignored).
+    """
+
+    def __init__(self, data_dir, n_tokens, B, T, rank=0, world_size=1, vocab_size=50304):
+        super().__init__(data_dir, "val", vocab_size)
+        if self.total < 2:
+            raise UserError(f"the val shards in {data_dir}/ hold {self.total} token, too few to predict one: write more "
+                            f"data with python fineweb.py --val_tokens=..., or pass --val_every=0")
+        self.B, self.T = B, T
+        self.rank, self.world_size = rank, world_size
+        self.n_tokens = min(n_tokens, self.total - 1)  # a target needs a token before it; the stream never wraps here
+        sequences = -(-self.n_tokens // T)
+        self.per_rank = -(-sequences // world_size)
+
+    def batches(self):
+        """Yields (x, y), each (B, T): the inputs (0 where padded) and their targets (-1 where padded)."""
+        B, T = self.B, self.T
+        first = self.rank * self.per_rank  # this rank's first sequence
+        for b in range(0, self.per_rank, B):
+            seq = first + b
+            stop = min(seq + B, first + self.per_rank)  # the sequences of this batch
+            count = min(stop * T, self.n_tokens) - seq * T  # its targets, a few or none at the end
+            x = torch.zeros(B * T, dtype=torch.long)
+            y = torch.full((B * T,), -1, dtype=torch.long)
+            if count > 0:
+                buf = torch.from_numpy(self._read(seq * T, count + 1).astype(np.int64))
+                x[:count], y[:count] = buf[:-1], buf[1:]
+            yield x.view(B, T), y.view(B, T)
 
 
 # --- training ---
@@ -589,14 +709,41 @@ def peak_flops(device):
 
 
 def get_lr(step, cfg):
-    """Linear warmup, cosine decay to min_lr over lr_decay_steps (default: until max_steps), then min_lr."""
+    """Linear warmup to max_lr, then by lr_schedule:
+    cosine: a cosine decay to min_lr over lr_decay_steps (default: until max_steps), then min_lr;
+    wsd: max_lr until the last warmdown_steps, over which lr falls as 1 - sqrt(progress) to reach min_lr at the
+    last step (Hägele et al. 2024, as llm.c: it ends lower in loss than a linear warmdown). The stable part does not
+    depend on max_steps, so a run can be extended (resume with a larger --max_steps) before its warmdown starts."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "wsd":
+        warmdown = cfg.warmdown_steps or cfg.max_steps // 5
+        progress = (step + 1 - (cfg.max_steps - warmdown)) / max(warmdown, 1)  # 1 at the last step, as warmup
+        return cfg.max_lr if progress <= 0 else cfg.min_lr + (1 - math.sqrt(min(progress, 1))) * (cfg.max_lr - cfg.min_lr)
     decay_steps = cfg.lr_decay_steps or cfg.max_steps - cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(decay_steps, 1)
     if progress >= 1:
         return cfg.min_lr
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
+
+
+def check_recipe(cfg):
+    """One-line errors for schedule and validation settings that cannot work together, before any work is done."""
+    if cfg.lr_schedule not in ("cosine", "wsd"):
+        raise UserError(f"--lr_schedule={cfg.lr_schedule}: expected cosine or wsd")
+    if cfg.min_lr > cfg.max_lr:
+        raise UserError(f"--min_lr={cfg.min_lr} is above --max_lr={cfg.max_lr}: the schedule decays from max_lr to "
+                        f"min_lr; pass a min_lr of at most max_lr (10% of it is usual)")
+    if cfg.lr_schedule == "wsd":
+        if cfg.warmdown_steps < 0:
+            raise UserError(f"--warmdown_steps={cfg.warmdown_steps}: must be at least 0 (0 = the last 20% of max_steps)")
+        warmdown = cfg.warmdown_steps or cfg.max_steps // 5
+        if cfg.warmup_steps + warmdown > cfg.max_steps:
+            named = f"--warmdown_steps={warmdown}" if cfg.warmdown_steps else f"the warmdown ({warmdown} steps, 20% of max_steps)"
+            raise UserError(f"{named} and --warmup_steps={cfg.warmup_steps} are longer than the run "
+                            f"(--max_steps={cfg.max_steps}): lower them or raise max_steps")
+    if cfg.val_every and cfg.val_tokens < 1:
+        raise UserError(f"--val_tokens={cfg.val_tokens}: must be at least 1 (or pass --val_every=0 to skip validation)")
 
 
 def grad_accum_steps(cfg, world_size):
@@ -811,6 +958,7 @@ def run_training(cfg, overridden, d):
     """
     say = print if d.is_master else (lambda *args, **kwargs: None)
     cfg, ckpt, hf_model = starting_point(cfg, overridden, say)
+    check_recipe(cfg)
     say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -819,8 +967,8 @@ def run_training(cfg, overridden, d):
     autocast, use_bf16 = make_autocast(cfg.dtype, device)
     B, T = cfg.micro_batch_size, cfg.block_size
     grad_accum = grad_accum_steps(cfg, d.world_size)
-    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size)
-    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, d.rank, d.world_size, cfg.vocab_size) if cfg.val_every else None
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
+    val_loader = open_val_loader(cfg, d, say) if cfg.val_every else None
     hella = load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None
     enc = None
     if cfg.sample_every and d.is_master:
@@ -842,8 +990,8 @@ def run_training(cfg, overridden, d):
         last = step == cfg.max_steps
         evaluated = False
         if val_loader and is_due(cfg.val_every, step, last):
-            val_loss = evaluate_loss(model, val_loader, cfg.val_steps, device, autocast)
-            run_log.record(step, "val", f"{val_loss:.4f}", f"step {step:6d} | val loss {val_loss:.4f}", **{"val/loss": val_loss})
+            val_loss = evaluate_loss(model, val_loader, device, autocast)
+            run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f}", **{"val/loss": val_loss})
             evaluated = True
         if hella and is_due(cfg.hellaswag_every, step, last):
             result = evaluate_hellaswag(raw_model, hella, device, autocast=autocast, rank=d.rank, world_size=d.world_size)
@@ -900,18 +1048,28 @@ def run_training(cfg, overridden, d):
 # --- evaluation and sampling ---
 
 
+def open_val_loader(cfg, d, say):
+    loader = ValLoader(cfg.data_dir, cfg.val_tokens, cfg.micro_batch_size, cfg.block_size, d.rank, d.world_size,
+                       cfg.vocab_size)
+    if loader.n_tokens < cfg.val_tokens:
+        say(f"the val split holds {loader.total:,} tokens, fewer than val_tokens={cfg.val_tokens:,}: "
+            f"validation reads all of it once, {loader.n_tokens:,} targets")
+    return loader
+
+
 @torch.no_grad()
-def evaluate_loss(model, loader, steps, device, autocast):
-    """Token-weighted mean loss over the same `steps` batches of every rank, all-reduced."""
-    loader.reset()
+def evaluate_loss(model, loader, device, autocast):
+    """Token-weighted mean loss over all ranks' batches of a ValLoader: each rank sums loss x targets in float64, and
+    the sums and counts are all-reduced, so the number does not depend on how the tokens were split."""
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss sum, token count)
-    for _ in range(steps):
-        x, y = loader.next_batch()
+    for x, y in loader.batches():
+        count = int((y >= 0).sum())
         x, y = x.to(device), y.to(device)
         with autocast():
-            _, loss = model(x, y)
-        totals[0] += loss.double() * y.numel()
-        totals[1] += y.numel()
+            _, loss = model(x, y)  # the mean over the targets that are not -1 (padding)
+        if count:  # a batch of padding only (mean 0/0) still runs, so that every rank joins every forward pass
+            totals[0] += loss.double() * count
+            totals[1] += count
     all_reduce_sum(totals)
     return (totals[0] / totals[1]).item()
 

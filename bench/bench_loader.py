@@ -1,7 +1,8 @@
 """DataLoaderLite throughput from memory-mapped shards, on one core.
 
 Writes shards of random tokens into a temporary directory (or reads --data_dir), then times next_batch()
-for the GPT-2 124M micro batch (64 x 1024). The loader must never be what a GPU waits for.
+for the GPT-2 124M micro batch (64 x 1024), in the stream's order and shuffled (--shuffle=1 in gpt2.py). The
+loader must never be what a GPU waits for.
     python bench/bench_loader.py
 """
 
@@ -38,18 +39,22 @@ def main(cfg, _):
             for i in range(4):
                 tokens = rng.integers(0, 50257, size=25_000_000, dtype=np.uint16)
                 np.save(os.path.join(tmp, f"bench_train_{i:06d}.npy"), tokens)
-        loader = DataLoaderLite(data_dir, "train", cfg.B, cfg.T)
-        for _ in range(loader.total // (cfg.B * cfg.T) + 1):  # one pass first: page cache warm, ids checked
-            loader.next_batch()
-        batches, start = 0, time.perf_counter()
-        while time.perf_counter() - start < cfg.seconds:
-            loader.next_batch()
-            batches += 1
-        elapsed = time.perf_counter() - start
-    rate = batches * cfg.B * cfg.T / elapsed
+        lines = []
+        for shuffle in (False, True):
+            loader = DataLoaderLite(data_dir, "train", cfg.B, cfg.T, shuffle=shuffle, seed=1337)
+            for _ in range(loader.total // (cfg.B * cfg.T) + 1):  # one pass first: page cache warm, ids checked
+                loader.next_batch()
+            batches, start = 0, time.perf_counter()
+            while time.perf_counter() - start < cfg.seconds:
+                loader.next_batch()
+                batches += 1
+            elapsed = time.perf_counter() - start
+            rate = batches * cfg.B * cfg.T / elapsed
+            lines.append(f"DataLoaderLite, one thread, B={cfg.B} T={cfg.T}, {loader.total:,} tokens in {len(loader.paths)} "
+                         f"shards, shuffle={int(shuffle)}: {rate / 1e6:.0f}M tokens/s "
+                         f"({1e3 * elapsed / batches:.2f} ms per batch)")
     print(describe())
-    print(f"DataLoaderLite, one thread, B={cfg.B} T={cfg.T}, {loader.total:,} tokens in {len(loader.paths)} shards: "
-          f"{rate / 1e6:.0f}M tokens/s ({1e3 * elapsed / batches:.2f} ms per batch)")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

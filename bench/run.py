@@ -22,6 +22,7 @@ SUITE = [
     ("train: ours vs transformers", ["bench_train.py"], r"ratio ours/transformers: ([\d.]+)x", 1.3),
     ("train: compile=1 vs 0", ["bench_train.py", "--compile=1"], r"compile speed-up: ([\d.]+)x", None),
     ("loader: tokens/s, one core", ["bench_loader.py"], r"([\d.]+)M tokens/s", 50),
+    ("loader: shuffled tokens/s, one core", ["bench_loader.py"], r"shuffle=1: ([\d.]+)M tokens/s", 50),
     ("fineweb.py vs raw tiktoken", ["bench_fineweb.py"],
      r"steady state: [\d.]+M tokens/s = ([\d.]+)x the \d+-core limit", 0.85),
     ("fineweb.py vs build-nanogpt", ["bench_fineweb.py"],

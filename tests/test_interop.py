@@ -68,7 +68,7 @@ def test_fine_tuning_starts_from_the_hf_weights(tmp_path, shards):
     hf = save_hf_model(tmp_path / "hf")  # TINY's shape, with 32 positions of which TINY's block_size keeps 16
     log_dir = str(tmp_path / "log")
     proc = run_gpt2(*TINY, f"--init_from={tmp_path / 'hf'}", f"--data_dir={shards}", f"--log_dir={log_dir}",
-                    "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2", "--val_steps=1")
+                    "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2", "--val_tokens=64")
     assert "fine-tuning" in proc.stdout
     # the first step's loss is transformers' loss on the first batch (random init would give another)
     first = torch.from_numpy(np.load(os.path.join(shards, "edufineweb_train_000001.npy"))[:65].astype(np.int64))
@@ -149,7 +149,7 @@ def test_wandb_gets_the_metrics_from_rank_0(tmp_path, shards, monkeypatch):
     cfg = gpt2.Config()
     overridden = cli.apply_overrides(cfg, [*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}",
                                             "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2",
-                                            "--val_steps=1", "--wandb_log=1", "--wandb_project=p", "--wandb_run_name=r"])
+                                            "--val_tokens=64", "--wandb_log=1", "--wandb_project=p", "--wandb_run_name=r"])
     gpt2.train(cfg, overridden)
     log = read_log(str(tmp_path / "log"))
     assert calls[0] == ("init", "p", "r", 2) and calls[-1] == "finish"

@@ -15,7 +15,7 @@ from gpt2 import list_checkpoints
 
 # the crash runs use a bigger vocabulary, so that writing a checkpoint takes long enough to be caught doing it
 CRASH = [a for a in TINY if not a.startswith("--vocab_size")] + [
-    "--vocab_size=50304", "--max_steps=80", "--val_every=4", "--val_steps=2", "--checkpoint_every=2",
+    "--vocab_size=50304", "--max_steps=80", "--val_every=4", "--val_tokens=128", "--checkpoint_every=2",
     "--keep_checkpoints=2", "--warmup_steps=3", "--total_batch_size=128", "--max_lr=3e-3"]
 
 
@@ -82,7 +82,7 @@ def test_sigkill_at_random_moments_and_during_checkpoint_writes(big_vocab_shards
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
 def test_torchrun_restarts_a_killed_rank_and_the_run_completes(shards, tmp_path):
-    common = [*TINY, f"--data_dir={shards}", "--max_steps=12", "--val_every=3", "--val_steps=2",
+    common = [*TINY, f"--data_dir={shards}", "--max_steps=12", "--val_every=3", "--val_tokens=128",
               "--checkpoint_every=3", "--total_batch_size=128", "--micro_batch_size=2", "--init_from=resume"]
     straight = tmp_path / "straight"
     run_gpt2(*common, f"--log_dir={straight}", torchrun_ranks=2)

@@ -15,7 +15,7 @@ T = 16  # TINY's block_size
 
 def train(shards, log_dir, *extra, ranks=0, check=True):
     args = [*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--warmup_steps=2", "--max_steps=6",
-            "--val_every=3", "--val_steps=2", "--checkpoint_every=3", "--max_lr=3e-3", *extra]
+            "--val_every=3", "--val_tokens=128", "--checkpoint_every=3", "--max_lr=3e-3", *extra]
     return run_gpt2(*args, torchrun_ranks=ranks, check=check)
 
 
@@ -70,9 +70,9 @@ def test_gradient_accumulation_equals_the_big_batch(shards, tmp_path):
 def test_two_ranks_equal_one_process_with_accumulation(shards, tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
-    train(shards, one, "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_steps=4")
-    train(shards, two, "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_steps=2", ranks=2)
-    # the two ranks' val windows together are the one process's four
+    train(shards, one, "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_tokens=150")
+    train(shards, two, "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_tokens=150", ranks=2)
+    # 150 val tokens: 10 sequences (the last of 6 tokens), 5 per rank in 3 micro-batches of 2, the last padded
     assert_logs_close(read_log(one), read_log(two), atol=1e-5)
     assert_weights_close(final_weights(one)[1], final_weights(two)[1], atol=1e-5)
 
@@ -188,7 +188,7 @@ def test_compile_keeps_validation_hellaswag_and_sampling_working(tmp_path):
     write_shards(data, [9000], "train", vocab_size=50257, seed=2, start_index=1)
     hella = write_jsonl(tmp_path / "hellaswag_val.jsonl", ROWS)
     common = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--micro_batch_size=2", "--device=cpu",
-              "--total_batch_size=128", "--max_steps=2", "--val_every=1", "--val_steps=2", "--hellaswag_every=1",
+              "--total_batch_size=128", "--max_steps=2", "--val_every=1", "--val_tokens=256", "--hellaswag_every=1",
               f"--hellaswag_file={hella}", "--sample_every=1", "--num_samples=2", "--max_new_tokens=4",
               "--checkpoint_every=0", f"--data_dir={data}"]
     outputs = {}
