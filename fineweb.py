@@ -58,7 +58,8 @@ class Config:
     overwrite: bool = False  # replace the shards in out_dir written from another source or with other settings
     # speed: these never change the output
     num_proc: int = 0  # tokenizer processes; 0 = one per CPU core this process may use (os.sched_getaffinity)
-    batch_docs: int = 1024  # rows per unit of work (parquet: whole row groups of one file, put together up to this)
+    unit_bytes: int = 4_000_000  # parquet: a unit of work is row groups of one file holding this much text (~1M tokens)
+    batch_docs: int = 1024  # jsonl/text: documents per batch sent to a tokenizer process
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
@@ -261,10 +262,11 @@ def parquet_footers(paths, column, label, debug):
     return footers
 
 
-def parquet_units(paths, footers, column, batch_docs, start_row, max_rows):
-    """ParquetUnits in source order: consecutive row groups of one file, put together until they hold batch_docs
-    rows (a row group is never split: it is the smallest piece parquet reads), from the unit holding start_row on,
-    up to max_rows rows."""
+def parquet_units(paths, footers, column, unit_bytes, start_row, max_rows):
+    """ParquetUnits in source order: consecutive row groups of one file, put together until their text column
+    holds unit_bytes (a row group is never split: it is the smallest piece parquet reads), from the unit holding
+    start_row on, up to max_rows rows. Big units keep this process's cost per token low; the memory they take is
+    bounded by IN_FLIGHT_BYTES."""
     end = sum(sum(rows) for rows, _ in footers)
     end = min(end, max_rows) if max_rows else end
     row = 0
@@ -273,7 +275,7 @@ def parquet_units(paths, footers, column, batch_docs, start_row, max_rows):
         for g, (r, s) in enumerate(zip(rows, sizes, strict=True)):
             groups.append(g)
             n, size = n + r, size + s
-            if n >= batch_docs or g == len(rows) - 1 or row + n >= end:
+            if size >= unit_bytes or g == len(rows) - 1 or row + n >= end:
                 take = min(n, end - row)
                 if row + take > start_row and take > 0:
                     yield ParquetUnit(path, tuple(groups), row, take, int(size * take / max(n, 1)), column)
@@ -346,7 +348,7 @@ def plan_units(source, cfg, start_row):
             paths = [f["path"] for f in source["files"]] if source["format"] == "parquet" else None
         if paths is not None:
             footers = parquet_footers(paths, source["text_column"], label, cfg.debug)
-            units = parquet_units(paths, footers, source["text_column"], cfg.batch_docs, start_row, cfg.max_docs)
+            units = parquet_units(paths, footers, source["text_column"], cfg.unit_bytes, start_row, cfg.max_docs)
             num_rows = sum(sum(rows) for rows, _ in footers)
         else:
             ds = open_datasets(source, cfg.debug)
@@ -754,7 +756,7 @@ def clear_out_dir(out_dir):
 
 
 def main(cfg, overridden=()):
-    for name in ("shard_size", "batch_docs"):
+    for name in ("shard_size", "batch_docs", "unit_bytes"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     for name in ("val_tokens", "max_docs", "num_proc"):
@@ -799,16 +801,18 @@ def main(cfg, overridden=()):
     hash_file = sha256_file if pool is None else lambda path: pool.apply(sha256_file, (path,))
     writer = ShardWriter(cfg.out_dir, manifest, cfg.shard_size, cfg.val_tokens, hash_file)
     bar = tqdm(total=total, initial=start_row, unit="doc", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
-    t0, tokens, rows_read = time.time(), 0, start_row
+    t0, tokens, rows_read, shown = time.time(), 0, start_row, 0
     stream = tokenize_stream(units, pool, num_proc, cfg.debug)
     try:
         for unit, lengths, toks in stream:
             writer.add(unit.first_row, lengths, toks)
             tokens += len(toks)
+            if time.time() > shown + 1:  # formatting it per unit costs more than the rest of the loop
+                shown = time.time()
+                bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {tokens / (shown - t0) / 1e6:.2f}M tokens/s",
+                                    refresh=False)
             bar.update(unit.first_row + unit.rows - rows_read)
             rows_read = unit.first_row + unit.rows
-            bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {tokens / (time.time() - t0) / 1e6:.2f}M tokens/s",
-                                refresh=False)
         if writer.pos["documents"] == 0:
             raise UserError(f"no documents in {source_label(source)}: all {rows_read:,} rows have an empty "
                             f"{source['text_column']!r}; is --text_column right?")

@@ -264,8 +264,8 @@ def check_against_reference(out_dir, texts, shard_size, val_tokens, max_docs=0):
 
 
 def test_workers_and_unit_sizes_never_change_the_output(tmp_path):
-    """Row groups of 1 to 60 rows in three files, units of 1 to 1000 rows, 1 or 2 processes: every shard and its
-    manifest entry (resume record included) is what the one-document-at-a-time loop above computes."""
+    """Row groups of 1 to 60 rows in three files, units of one row group to whole files, 1 or 2 processes: every
+    shard and its manifest entry (resume record included) is what the one-document-at-a-time loop above computes."""
     texts = make_docs(500, seed=11, mean_words=30)
     for i in range(0, 500, 37):
         texts[i] = "" if i % 2 else None
@@ -274,9 +274,9 @@ def test_workers_and_unit_sizes_never_change_the_output(tmp_path):
         write_parquet(tmp_path / f"part-{i}.parquet", texts[a:b], row_group_size=rows)
     src = str(tmp_path / "part-*.parquet")
     outs = []
-    for num_proc, batch_docs, max_docs in [(1, 1, 0), (2, 16, 0), (2, 1000, 0), (1, 5, 333), (2, 40, 333)]:
-        out = tmp_path / f"out-{num_proc}-{batch_docs}-{max_docs}"
-        fineweb.main(config(src, out, shard_size=333, val_tokens=2000, num_proc=num_proc, batch_docs=batch_docs,
+    for num_proc, unit_bytes, max_docs in [(1, 1, 0), (2, 2000, 0), (2, 10**9, 0), (1, 500, 333), (2, 9000, 333)]:
+        out = tmp_path / f"out-{num_proc}-{unit_bytes}-{max_docs}"
+        fineweb.main(config(src, out, shard_size=333, val_tokens=2000, num_proc=num_proc, unit_bytes=unit_bytes,
                             max_docs=max_docs))
         check_against_reference(out, texts, 333, 2000, max_docs)
         outs.append(dir_bytes(out))
@@ -315,7 +315,7 @@ def test_hub_dataset_read_through_fsspec_like_hf_urls(tmp_path, texts):
     # a resume skips whole row groups of the Hub's files, and ends with the same bytes
     before = dir_bytes(tmp_path / "out")
     os.remove(tmp_path / "out" / shard_files(tmp_path / "out")[4])
-    fineweb.main(replace(cfg, batch_docs=7))
+    fineweb.main(replace(cfg, unit_bytes=3000))
     assert dir_bytes(tmp_path / "out") == before
     with pytest.raises(UserError, match="no parquet files for config 'sample-1BT'.*README.md.*--name"):
         fineweb.main(replace(cfg, name="sample-1BT", out_dir=str(tmp_path / "other")))
