@@ -438,8 +438,8 @@ def tokenize_unit(unit):
 
 def tokenize_to_shared_memory(unit):
     """Worker: tokenize_unit, with the tokens left in a new block of shared memory: only its name and the lengths
-    go back through the pool's pipe. (Arrays sent back through it cost this process a copy and the pool's worker
-    handler thread a busy wait while they are read: ~4% of the workers' CPU, measured.)"""
+    go back through the pipe (arrays sent through it cost this process two more copies: ~4% of the workers' CPU
+    with multiprocessing.Pool, whose worker-handler thread also busy-waits while a result is being read)."""
     from multiprocessing import shared_memory
 
     lengths, tokens = tokenize_unit(unit)
@@ -453,7 +453,7 @@ def from_shared_memory(lengths, name, n):
     """The tokens a worker left in shared memory, copied out; the block is freed."""
     from multiprocessing import shared_memory
 
-    shm = shared_memory.SharedMemory(name)
+    shm = shared_memory.SharedMemory(name)  # on Linux a file in /dev/shm
     try:
         tokens = np.frombuffer(shm.buf, np.uint16, n).copy()
     finally:
@@ -471,6 +471,17 @@ def worker_init():
         pyarrow.set_io_thread_count(1)
     except ImportError:
         pass
+    # a main process killed with SIGKILL cannot stop its workers, and ProcessPoolExecutor's workers keep the
+    # pipe to it open: each one notices that its parent has gone by itself
+    import threading
+
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_with_parent(parent):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def unit_label(unit):
@@ -484,9 +495,12 @@ def worker_pool(num_proc):
     if num_proc == 1:
         return None
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: the same on Linux, macOS and Windows, and no fork of a process holding the source's threads
-    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=worker_init)
+    # spawn: the same on Linux, macOS and Windows, and no fork of a process holding the source's threads.
+    # ProcessPoolExecutor, not multiprocessing.Pool: one thread waits for and reads results (Pool's worker handler
+    # spins while its result handler reads), and a worker killed by the OS is an error, not a hang
+    return ProcessPoolExecutor(num_proc, multiprocessing.get_context("spawn"), initializer=worker_init)
 
 
 def tokenize_stream(units, pool, num_proc, debug):
@@ -506,16 +520,24 @@ def tokenize_stream(units, pool, num_proc, debug):
             yield unit, *result(unit, lambda u=unit: tokenize_unit(u))
         return
     pending, in_flight = deque(), 0
-    for unit in units:
-        while pending and (len(pending) >= 2 * num_proc + 2 or in_flight + unit.text_bytes > IN_FLIGHT_BYTES):
+    try:
+        for unit in units:
+            while pending and (len(pending) >= 2 * num_proc + 2 or in_flight + unit.text_bytes > IN_FLIGHT_BYTES):
+                done, task = pending.popleft()
+                in_flight -= done.text_bytes
+                yield done, *from_shared_memory(*result(done, task.result))
+            pending.append((unit, pool.submit(tokenize_to_shared_memory, unit)))
+            in_flight += unit.text_bytes
+        while pending:
             done, task = pending.popleft()
-            in_flight -= done.text_bytes
-            yield done, *from_shared_memory(*result(done, task.get))
-        pending.append((unit, pool.apply_async(tokenize_to_shared_memory, (unit,))))
-        in_flight += unit.text_bytes
-    while pending:
-        done, task = pending.popleft()
-        yield done, *from_shared_memory(*result(done, task.get))
+            yield done, *from_shared_memory(*result(done, task.result))
+    finally:  # stopped early (an error, Ctrl-C): free the shared memory of the units tokenized but not written
+        for _, task in pending:
+            if not task.cancel():
+                try:
+                    from_shared_memory(*task.result())
+                except Exception:
+                    pass
 
 
 # --- shards and manifest ---
@@ -798,7 +820,7 @@ def main(cfg, overridden=()):
     from tqdm import tqdm
 
     pool = worker_pool(num_proc)
-    hash_file = sha256_file if pool is None else lambda path: pool.apply(sha256_file, (path,))
+    hash_file = sha256_file if pool is None else lambda path: pool.submit(sha256_file, path).result()
     writer = ShardWriter(cfg.out_dir, manifest, cfg.shard_size, cfg.val_tokens, hash_file)
     bar = tqdm(total=total, initial=start_row, unit="doc", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
     t0, tokens, rows_read, shown = time.time(), 0, start_row, 0
@@ -828,8 +850,7 @@ def main(cfg, overridden=()):
         stream.close()
         writer.close()  # the shard being written is finished (its sha256 is computed in the pool)
         if pool is not None:
-            pool.terminate()  # stops the worker processes, whatever happened
-            pool.join()
+            pool.shutdown(cancel_futures=True)  # stops the worker processes, whatever happened
     bar.close()
     dt = time.time() - t0
     print(f"wrote {cfg.out_dir}/: {totals['shards']} shards, {totals['tokens']:,} tokens ({totals['val']['tokens']:,} "
