@@ -449,11 +449,23 @@ def tokenize_to_shared_memory(unit):
     return lengths.astype(np.int32), shm.name, len(tokens)
 
 
-def from_shared_memory(lengths, name, n):
-    """The tokens a worker left in shared memory, copied out; the block is freed."""
-    from multiprocessing import shared_memory
+def from_shared_memory(lengths, name, n, scratch=None):
+    """The tokens a worker left in shared memory, and the block freed. On Linux the block is a file in /dev/shm,
+    read into `scratch` (a list holding one reusable array): one copy into memory this process already has,
+    without mapping fresh pages every unit. The tokens are valid until the next call with the same scratch."""
+    from multiprocessing import resource_tracker, shared_memory
 
-    shm = shared_memory.SharedMemory(name)  # on Linux a file in /dev/shm
+    path = os.path.join("/dev/shm", name)
+    if scratch is not None and os.path.isfile(path):
+        if scratch[0].size < n:
+            scratch[0] = np.empty(max(n, 2 * scratch[0].size), np.uint16)
+        tokens = scratch[0][:n]
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(memoryview(tokens).cast("B"))
+        os.unlink(path)
+        resource_tracker.unregister("/" + name, "shared_memory")  # registered by the worker that made it
+        return lengths, tokens
+    shm = shared_memory.SharedMemory(name)
     try:
         tokens = np.frombuffer(shm.buf, np.uint16, n).copy()
     finally:
@@ -504,8 +516,9 @@ def worker_pool(num_proc):
 
 
 def tokenize_stream(units, pool, num_proc, debug):
-    """Yields (unit, lengths, tokens) per unit, in order. Units are handed out while fewer than 2 * num_proc + 2
-    are in flight and their text fits in IN_FLIGHT_BYTES, so memory stays bounded whatever the source."""
+    """Yields (unit, lengths, tokens) per unit, in order; tokens is valid until the next unit is asked for.
+    Units are handed out while fewer than 2 * num_proc + 2 are in flight and their text fits in IN_FLIGHT_BYTES,
+    so memory stays bounded whatever the source."""
 
     def result(unit, get):
         try:
@@ -519,18 +532,18 @@ def tokenize_stream(units, pool, num_proc, debug):
         for unit in units:
             yield unit, *result(unit, lambda u=unit: tokenize_unit(u))
         return
-    pending, in_flight = deque(), 0
+    pending, in_flight, scratch = deque(), 0, [np.empty(0, np.uint16)]
     try:
         for unit in units:
             while pending and (len(pending) >= 2 * num_proc + 2 or in_flight + unit.text_bytes > IN_FLIGHT_BYTES):
                 done, task = pending.popleft()
                 in_flight -= done.text_bytes
-                yield done, *from_shared_memory(*result(done, task.result))
+                yield done, *from_shared_memory(*result(done, task.result), scratch)
             pending.append((unit, pool.submit(tokenize_to_shared_memory, unit)))
             in_flight += unit.text_bytes
         while pending:
             done, task = pending.popleft()
-            yield done, *from_shared_memory(*result(done, task.result))
+            yield done, *from_shared_memory(*result(done, task.result), scratch)
     finally:  # stopped early (an error, Ctrl-C): free the shared memory of the units tokenized but not written
         for _, task in pending:
             if not task.cancel():
