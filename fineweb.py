@@ -335,8 +335,8 @@ def open_datasets(source, debug):
 
 
 def plan_units(source, cfg, start_row):
-    """(the units of work from start_row on, the source's number of rows or None, the first unit or None). The
-    first unit is read here, before out_dir is touched: a bad source changes nothing on disk."""
+    """(the units of work from start_row on, the number of rows to read or None when unknown). Every parquet
+    footer (or the first batch of texts) is read here, before out_dir is touched: a bad source changes nothing."""
     label = source_label(source)
     try:
         if "dataset" in source:
