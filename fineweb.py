@@ -606,7 +606,8 @@ class ShardWriter:
         self.spare = None  # a second buffer, filled while a thread writes the first (2 x shard_size x 2 bytes)
         self.fill = 0  # tokens in buf
         self.first_doc = self.pos["documents"]  # documents started before buf: the rest start in it
-        # one thread writes the shards and the manifest, in order: the disk and sha256 do not stall the tokenizers
+        # one thread writes the shards and the manifest, in order: the disk and the sha256 (computed in a worker
+        # when there are some) do not stall the tokenizers
         from concurrent.futures import ThreadPoolExecutor
 
         self.thread, self.writing = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
