@@ -568,13 +568,42 @@ def write_atomic(path, write, tmp_name):
 
 
 def sha256_file(path):
-    """In a worker process when there are some: hashing costs ~1 ns per token, as much as the coordinator's
-    whole share of the work, and the file is still in the page cache."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def shared_buffers(shard_size, count=2):
+    """count (SharedMemory, uint16 array of shard_size) pairs, or None when /dev/shm lacks room for them and for
+    the units in flight (Docker gives it 64 MB unless told otherwise)."""
+    from multiprocessing import shared_memory
+
+    try:
+        room = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):  # not Linux
+        return None
+    if room.f_bavail * room.f_frsize < count * shard_size * 2 + IN_FLIGHT_BYTES:
+        return None
+    blocks = [shared_memory.SharedMemory(create=True, size=shard_size * 2) for _ in range(count)]
+    return [(shm, np.ndarray((shard_size,), np.uint16, shm.buf)) for shm in blocks]
+
+
+def write_shared_shard(name, n, path, tmp_name):
+    """Worker: writes the first n tokens of the shared buffer `name` as the shard `path`, atomically, and returns
+    its sha256."""
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(name)
+    try:
+        write_atomic(path, lambda f: np.save(f, np.ndarray((n,), np.uint16, shm.buf)), tmp_name)
+    finally:
+        try:
+            shm.close()
+        except BufferError:  # np.save failed and its traceback still holds the array: the OS unmaps it at exit
+            pass
+    return sha256_file(path)
 
 
 def save_manifest(out_dir, manifest):
@@ -596,14 +625,20 @@ class ShardWriter:
     """Cuts the stream of documents into shards of shard_size tokens, gives the first documents to val, and writes
     each shard and then the manifest atomically. Its state after each shard is in the manifest, to resume from."""
 
-    def __init__(self, out_dir, manifest, shard_size, val_tokens, hash_file=sha256_file):
+    def __init__(self, out_dir, manifest, shard_size, val_tokens, pool=None):
         self.out_dir, self.manifest = out_dir, manifest
-        self.shard_size, self.val_tokens, self.hash_file = shard_size, val_tokens, hash_file
+        self.shard_size, self.val_tokens, self.pool = shard_size, val_tokens, pool
         shards = manifest["shards"]
         self.pos = dict(shards[-1]["resume"]) if shards else start_position(val_tokens)
         self.index = len(shards)  # of the next shard
-        self.buf = np.empty(shard_size, dtype=np.uint16)  # pages are only touched as they fill
-        self.spare = None  # a second buffer, filled while a thread writes the first (2 x shard_size x 2 bytes)
+        # two buffers (2 x shard_size x 2 bytes; pages are only touched as they fill): one fills while the other is
+        # written. Given worker processes and room in /dev/shm they are shared memory and a worker writes and
+        # hashes the shard: writing 200 MB into a new file is otherwise most of what this process spends
+        self.shared = shared_buffers(shard_size) if pool is not None else None
+        if self.shared:
+            (self.buf_shm, self.buf), (self.spare_shm, self.spare) = self.shared
+        else:
+            self.buf, self.spare, self.buf_shm, self.spare_shm = np.empty(shard_size, np.uint16), None, None, None
         self.fill = 0  # tokens in buf
         self.first_doc = self.pos["documents"]  # documents started before buf: the rest start in it
         # one thread writes the shards and the manifest, in order: the disk and the sha256 (computed in a worker
@@ -682,15 +717,22 @@ class ShardWriter:
         entry = {"file": f"{SHARD_PREFIX}_{self.pos['split']}_{self.index:06d}.npy", "split": self.pos["split"],
                  "tokens": self.fill, "documents": self.pos["documents"] - self.first_doc, "sha256": None,
                  "resume": dict(self.pos)}
-        self.writing = self.thread.submit(self.write_shard, self.buf[:self.fill], entry, f".{self.index:06d}.tmp")
+        self.writing = self.thread.submit(self.write_shard, self.buf[:self.fill], self.buf_shm, entry,
+                                          f".{self.index:06d}.tmp")
         self.buf, self.spare = self.spare if self.spare is not None else np.empty_like(self.buf), self.buf
+        self.buf_shm, self.spare_shm = self.spare_shm, self.buf_shm
         self.index += 1
         self.fill, self.first_doc = 0, self.pos["documents"]
 
-    def write_shard(self, tokens, entry, tmp_name):  # in the writer thread
+    def write_shard(self, tokens, shm, entry, tmp_name):  # in the writer thread
         path = os.path.join(self.out_dir, entry["file"])
-        write_atomic(path, lambda f: np.save(f, tokens), tmp_name)
-        entry["sha256"] = self.hash_file(path)
+        if shm is not None:
+            task = self.pool.submit(write_shared_shard, shm.name, len(tokens), path, tmp_name)
+            entry["sha256"] = task.result()
+        else:
+            write_atomic(path, lambda f: np.save(f, tokens), tmp_name)
+            # hashing costs ~1 ns per token, as much as the rest of this process's work: a worker does it
+            entry["sha256"] = sha256_file(path) if self.pool is None else self.pool.submit(sha256_file, path).result()
         self.manifest["shards"].append(entry)
         save_manifest(self.out_dir, self.manifest)
 
@@ -706,6 +748,15 @@ class ShardWriter:
 
     def close(self):
         self.thread.shutdown(wait=True)  # on Ctrl-C too: the shard being written is finished, not abandoned
+        if self.shared:
+            self.buf = self.spare = None
+            for shm, _ in self.shared:
+                try:
+                    shm.close()
+                except BufferError:  # a view is still held (an error on its way up): the OS unmaps it at exit
+                    pass
+                shm.unlink()
+            self.shared = None
 
     def finish(self, rows_read):
         """After the last document: writes the last shard and marks the manifest complete, with totals."""
@@ -835,8 +886,7 @@ def main(cfg, overridden=()):
     from tqdm import tqdm
 
     pool = worker_pool(num_proc)
-    hash_file = sha256_file if pool is None else lambda path: pool.submit(sha256_file, path).result()
-    writer = ShardWriter(cfg.out_dir, manifest, cfg.shard_size, cfg.val_tokens, hash_file)
+    writer = ShardWriter(cfg.out_dir, manifest, cfg.shard_size, cfg.val_tokens, pool)
     bar = tqdm(total=total, initial=start_row, unit="doc", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
     t0, tokens, rows_read, shown = time.time(), 0, start_row, 0
     stream = tokenize_stream(units, pool, num_proc, cfg.debug)
