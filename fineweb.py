@@ -15,9 +15,9 @@ documents and sha256).
 How the work is shared (built for a node of 64-192 cores): the source is cut into units of work. For parquet
 (FineWeb-Edu on the Hub is parquet) a unit is a few consecutive row groups of one file: the worker process opens
 the file itself (local, or hf://... through fsspec with random access), reads those row groups, tokenizes them,
-leaves the tokens in shared memory and sends back the token count of each row. This process only hands out unit descriptors in
-source order and writes the results in that order (a bounded window of units in flight), so its CPU time is a
-percent or two of the workers' (bench/bench_fineweb.py): one core keeps up with some 60-80 workers. jsonl and text
+leaves the tokens in shared memory and sends back the token count of each row. This process only hands out unit
+descriptors in source order and writes the results in that order (a bounded window of units in flight), so its CPU
+time is about 1% of the workers' (bench/bench_fineweb.py): one core keeps up with some 100 workers. jsonl and text
 files, and Hub datasets that are not parquet, are read here with `datasets` and their texts sent to the workers:
 the same output, but this process does more of the work.
 """
