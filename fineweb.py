@@ -462,7 +462,9 @@ def from_shared_memory(lengths, name, n, scratch=None):
             scratch[0] = np.empty(max(n, 2 * scratch[0].size), np.uint16)
         tokens = scratch[0][:n]
         with open(path, "rb", buffering=0) as f:
-            f.readinto(memoryview(tokens).cast("B"))
+            view, done = memoryview(tokens).cast("B"), 0
+            while done < len(view):  # one read returns at most ~2 GB
+                done += f.readinto(view[done:]) or _short_read(path)
         os.unlink(path)
         resource_tracker.unregister("/" + name, "shared_memory")  # registered by the worker that made it
         return lengths, tokens
@@ -473,6 +475,10 @@ def from_shared_memory(lengths, name, n, scratch=None):
         shm.close()
         shm.unlink()
     return lengths, tokens
+
+
+def _short_read(path):
+    raise OSError(f"{path} ended early")
 
 
 def worker_init():
