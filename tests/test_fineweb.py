@@ -213,6 +213,130 @@ def test_plain_text_one_document_per_line(tmp_path):
     assert all_tokens(tmp_path / "out").tolist() == [t for d in expected_tokens(lines) for t in d]
 
 
+def reference_shards(texts, shard_size, val_tokens, max_docs=0):
+    """What fineweb.py wrote before units of work existed, computed here by a plain loop over the documents, one
+    at a time: per shard (split, tokens, documents that start in it, the resume record), then the totals."""
+    enc = tiktoken.get_encoding("gpt2")
+    texts = texts[:max_docs] if max_docs else texts
+    pos = {"rows_done": 0, "tokens_into_next_row": 0, "split": "val" if val_tokens > 0 else "train", "val_tokens": 0,
+           "documents": 0, "empty_documents": 0}
+    shards, buf, docs = [], [], 0
+
+    def flush():
+        nonlocal buf, docs
+        if buf:
+            shards.append((pos["split"], buf, docs, dict(pos)))
+            buf, docs = [], 0
+
+    for row, text in enumerate(texts):
+        if not text:
+            continue
+        doc = [EOT] + enc.encode_ordinary(text)
+        pos["empty_documents"] += row - pos["rows_done"]
+        pos["rows_done"] = row
+        if pos["split"] == "val" and pos["val_tokens"] + len(doc) > val_tokens:
+            flush()
+            pos["split"] = "train"
+        if pos["split"] == "val":
+            pos["val_tokens"] += len(doc)
+        pos["documents"] += 1
+        docs += 1
+        for i, token in enumerate(doc):
+            buf.append(token)
+            pos["rows_done"], pos["tokens_into_next_row"] = (row + 1, 0) if i == len(doc) - 1 else (row, i + 1)
+            if len(buf) == shard_size:
+                flush()
+    pos["empty_documents"] += len(texts) - pos["rows_done"]
+    pos["rows_done"] = len(texts)
+    flush()
+    return shards
+
+
+def check_against_reference(out_dir, texts, shard_size, val_tokens, max_docs=0):
+    m = manifest(out_dir)
+    ref = reference_shards(texts, shard_size, val_tokens, max_docs)
+    assert m["complete"] and len(m["shards"]) == len(ref)
+    for i, (entry, (split, tokens, docs, resume)) in enumerate(zip(m["shards"], ref, strict=True)):
+        assert entry["file"] == f"edufineweb_{split}_{i:06d}.npy"
+        assert np.load(os.path.join(out_dir, entry["file"])).tolist() == tokens
+        assert (entry["split"], entry["tokens"], entry["documents"], entry["resume"]) == (split, len(tokens), docs, resume)
+    assert m["totals"]["empty_documents_skipped"] == ref[-1][3]["empty_documents"]
+
+
+def test_workers_and_unit_sizes_never_change_the_output(tmp_path):
+    """Row groups of 1 to 60 rows in three files, units of one row group to whole files, 1 or 2 processes: every
+    shard and its manifest entry (resume record included) is what the one-document-at-a-time loop above computes."""
+    texts = make_docs(500, seed=11, mean_words=30)
+    for i in range(0, 500, 37):
+        texts[i] = "" if i % 2 else None
+    texts[100] = "water " * 700  # spans shards
+    for i, (a, b, rows) in enumerate([(0, 170, 1), (170, 171, 60), (171, 500, 7)]):
+        write_parquet(tmp_path / f"part-{i}.parquet", texts[a:b], row_group_size=rows)
+    src = str(tmp_path / "part-*.parquet")
+    outs = []
+    for num_proc, unit_bytes, max_docs in [(1, 1, 0), (2, 2000, 0), (2, 10**9, 0), (1, 500, 333), (2, 9000, 333)]:
+        out = tmp_path / f"out-{num_proc}-{unit_bytes}-{max_docs}"
+        fineweb.main(config(src, out, shard_size=333, val_tokens=2000, num_proc=num_proc, unit_bytes=unit_bytes,
+                            max_docs=max_docs))
+        check_against_reference(out, texts, 333, 2000, max_docs)
+        outs.append(dir_bytes(out))
+    assert outs[0] == outs[1] == outs[2] and outs[3] == outs[4]
+
+
+# --- the Hub, through fsspec ---
+
+
+def fake_hub(root, texts):
+    """A dataset repository laid out as FineWeb-Edu's on the Hub: a dataset card whose YAML header maps configs to
+    file patterns, and parquet files under them (hf://datasets/HuggingFaceFW/fineweb-edu/ has the same layout)."""
+    repo = root / "HuggingFaceFW" / "fineweb-edu"
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    (repo / "data" / "CC-MAIN-2024-10").mkdir(parents=True)
+    (repo / "README.md").write_text(
+        "---\nlicense: odc-by\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/*/*\n- config_name: sample-10BT\n  data_files:\n  - split: train\n    path: sample/10BT/*\n"
+        "---\n# FineWeb-Edu\n")
+    parts = [texts[:90], texts[90:91], texts[91:250]]
+    for i, part in enumerate(reversed(parts)):  # written out of order: the listing sorts them
+        write_parquet(repo / "sample" / "10BT" / f"{2 - i:03d}_00000.parquet", part, row_group_size=20)
+    write_parquet(repo / "data" / "CC-MAIN-2024-10" / "000_00000.parquet", ["not in the sample"] * 5)
+
+
+def test_hub_dataset_read_through_fsspec_like_hf_urls(tmp_path, texts):
+    """--dataset/--name resolve to parquet files from the dataset card and fs.glob, as hf://datasets/... does;
+    here the same code reads a local copy of that layout (file://), with worker processes opening the files."""
+    fake_hub(tmp_path / "hub", texts)
+    cfg = replace(config("", tmp_path / "out", num_proc=2), hub_root=f"file://{tmp_path / 'hub'}")
+    fineweb.main(cfg)
+    assert all_tokens(tmp_path / "out").tolist() == [t for d in expected_tokens(texts[:250]) for t in d]
+    m = manifest(tmp_path / "out")
+    assert m["source"] == {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train",
+                           "text_column": "text", "hub_root": cfg.hub_root}
+    # a resume skips whole row groups of the Hub's files, and ends with the same bytes
+    before = dir_bytes(tmp_path / "out")
+    os.remove(tmp_path / "out" / shard_files(tmp_path / "out")[4])
+    fineweb.main(replace(cfg, unit_bytes=3000))
+    assert dir_bytes(tmp_path / "out") == before
+    with pytest.raises(UserError, match="no parquet files for config 'sample-1BT'.*README.md.*--name"):
+        fineweb.main(replace(cfg, name="sample-1BT", out_dir=str(tmp_path / "other")))
+
+
+def test_data_files_as_fsspec_urls(tmp_path, texts):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for i in range(2):
+        with fs.open(f"/fineweb-test/part-{i}.parquet", "wb") as f:
+            pq.write_table(fineweb_table(texts[i * 200:(i + 1) * 200]), f, row_group_size=30)
+    try:  # the memory filesystem lives in this process: one process
+        fineweb.main(config("memory://fineweb-test/*.parquet", tmp_path / "out"))
+    finally:
+        fs.rm("/fineweb-test", recursive=True)
+    assert all_tokens(tmp_path / "out").tolist() == [t for d in expected_tokens(texts) for t in d]
+    assert [f["path"] for f in manifest(tmp_path / "out")["source"]["files"]] == [
+        "memory:///fineweb-test/part-0.parquet", "memory:///fineweb-test/part-1.parquet"]
+
+
 # --- resume and rerun ---
 
 
