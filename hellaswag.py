@@ -15,7 +15,7 @@ evaluation section, where training calls it too: this file imports gpt2, never t
 import sys
 from dataclasses import dataclass
 
-from cli import UserError, run_cli
+from cli import ANY, NOT_EMPTY, Relation, at_least, check_settings, one_of, run_cli
 from gpt2 import (
     HELLASWAG_URL,
     evaluate_hellaswag,
@@ -45,23 +45,32 @@ class Config:
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
+RULES = {  # what each setting accepts, checked before any work (see cli.check_settings)
+    "model": ANY, "checkpoint": ANY, "data_file": ANY, "split": one_of("val", "train"), "limit": at_least(0),
+    "device": one_of("auto", "cpu", "cuda", "mps"), "dtype": one_of("auto", "float32", "bfloat16"),
+    "batch_size": at_least(1), "cache_dir": ANY, "data_url": NOT_EMPTY, "debug": ANY,
+}
+RELATIONS = [
+    Relation(("model", "checkpoint"), lambda c: bool(c.model) != bool(c.checkpoint),
+             lambda c: "pass exactly one of -m NAME (a Hugging Face model such as gpt2, or its directory) and "
+                       "--checkpoint=PATH (a model_XXXXX.pt written by gpt2.py)", {"model": "gpt2", "checkpoint": "x.pt"}),
+]
+
+
 # --- command line ---
 
 
 def main(cfg, overridden):
-    if bool(cfg.model) == bool(cfg.checkpoint):
-        raise UserError("pass exactly one of -m NAME (a Hugging Face model such as gpt2, or its directory) "
-                        "and --checkpoint=PATH (a model_XXXXX.pt written by gpt2.py)")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size={cfg.batch_size}: must be at least 1")
+    check_settings(cfg, RULES, RELATIONS)
     d = setup_distributed(cfg.device)
     try:
         say = print if d.is_master else (lambda *args, **kwargs: None)
         device = d.device
         autocast, use_bf16 = make_autocast(cfg.dtype, device)
+        # the model first: a wrong name or path stops the run before the data is downloaded
+        model = load_hf_model(cfg.model, device) if cfg.model else load_model(cfg.checkpoint, device)
         examples = load_hellaswag(cfg.split, cfg.data_file or None, is_master=d.is_master, cache_dir=cfg.cache_dir or None,
                                   url=cfg.data_url, limit=cfg.limit)
-        model = load_hf_model(cfg.model, device) if cfg.model else load_model(cfg.checkpoint, device)
         say(f"hellaswag {cfg.split}: {len(examples)} examples | {cfg.model or cfg.checkpoint} | {device} | "
             f"{'bfloat16' if use_bf16 else 'float32'} | {d.world_size} rank(s)", flush=True)
         result = evaluate_hellaswag(model, examples, device, autocast, d.rank, d.world_size, cfg.batch_size,
