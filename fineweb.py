@@ -54,10 +54,20 @@ class Config:
 
 
 RULES = {  # what each setting accepts, checked before any work (see cli.check_settings)
-    "dataset": NOT_EMPTY, "name": ANY, "split": NOT_EMPTY, "data_files": ANY, "text_column": NOT_EMPTY,
-    "text_sample_by": one_of("line", "paragraph", "document"), "max_docs": at_least(0),
-    "out_dir": NOT_EMPTY, "shard_size": at_least(1), "val_tokens": at_least(0), "overwrite": ANY,
-    "num_proc": at_least(0), "batch_docs": at_least(1), "debug": ANY,
+    "dataset": NOT_EMPTY,
+    "name": ANY,
+    "split": NOT_EMPTY,
+    "data_files": ANY,  # each path is checked when it is read
+    "text_column": NOT_EMPTY,
+    "text_sample_by": one_of("line", "paragraph", "document"),
+    "max_docs": at_least(0),
+    "out_dir": NOT_EMPTY,
+    "shard_size": at_least(1),
+    "val_tokens": at_least(0),
+    "overwrite": ANY,
+    "num_proc": at_least(0),
+    "batch_docs": at_least(1),
+    "debug": ANY,
 }
 
 

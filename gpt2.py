@@ -117,21 +117,57 @@ class Config:
 
 # what each setting accepts, checked before any work (and again on the settings a resumed checkpoint brings)
 RULES = {
-    "data_dir": NOT_EMPTY, "log_dir": NOT_EMPTY, "init_from": NOT_EMPTY, "mode": one_of("train", "sample", "export"),
+    # data and output
+    "data_dir": NOT_EMPTY,
+    "log_dir": NOT_EMPTY,
+    "init_from": NOT_EMPTY,  # the file or model it names is checked when it is loaded
+    "mode": one_of("train", "sample", "export"),
     "export_dir": ANY,
-    "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1), "block_size": at_least(1),
+    # model
+    "n_layer": at_least(1),
+    "n_head": at_least(1),
+    "n_embd": at_least(1),
+    "block_size": at_least(1),
     "vocab_size": at_least(1),
-    "total_batch_size": at_least(1), "micro_batch_size": at_least(1),
-    "max_lr": above(0), "min_lr": at_least(0), "warmup_steps": at_least(0), "max_steps": at_least(1),
-    "lr_decay_steps": at_least(0), "weight_decay": at_least(0), "beta1": between(0, 1, 0.9), "beta2": between(0, 1, 0.95),
-    "eps": above(0), "grad_clip": at_least(0), "seed": between(0, 2**32, 1337),  # numpy's seeds are 32-bit
-    "device": one_of("auto", "cpu", "cuda", "mps"), "dtype": one_of("auto", "float32", "bfloat16"), "compile": ANY,
-    "val_every": at_least(0), "val_steps": at_least(1), "hellaswag_every": at_least(0), "hellaswag_file": ANY,
-    "sample_every": at_least(0), "checkpoint_every": at_least(0), "keep_checkpoints": at_least(0),
-    "skip_nonfinite": ANY, "wandb_log": ANY, "wandb_project": NOT_EMPTY, "wandb_run_name": ANY,
-    "prompt": ANY, "num_samples": at_least(1), "max_new_tokens": at_least(1), "top_k": at_least(1),
+    # batch
+    "total_batch_size": at_least(1),
+    "micro_batch_size": at_least(1),
+    # optimizer and learning-rate schedule
+    "max_lr": above(0),
+    "min_lr": at_least(0),
+    "warmup_steps": at_least(0),
+    "max_steps": at_least(1),
+    "lr_decay_steps": at_least(0),
+    "weight_decay": at_least(0),
+    "beta1": between(0, 1, 0.9),
+    "beta2": between(0, 1, 0.95),
+    "eps": above(0),
+    "grad_clip": at_least(0),
+    "seed": between(0, 2**32, 1337),  # numpy's seeds are 32-bit
+    # system
+    "device": one_of("auto", "cpu", "cuda", "mps"),
+    "dtype": one_of("auto", "float32", "bfloat16"),
+    "compile": ANY,
+    # evaluation, sampling and checkpoints
+    "val_every": at_least(0),
+    "val_steps": at_least(1),
+    "hellaswag_every": at_least(0),
+    "hellaswag_file": ANY,
+    "sample_every": at_least(0),
+    "checkpoint_every": at_least(0),
+    "keep_checkpoints": at_least(0),
+    "skip_nonfinite": ANY,
+    "wandb_log": ANY,
+    "wandb_project": NOT_EMPTY,
+    "wandb_run_name": ANY,
+    # sampling
+    "prompt": ANY,  # a prompt too long for block_size keeps its end
+    "num_samples": at_least(1),
+    "max_new_tokens": at_least(1),
+    "top_k": at_least(1),
     "temperature": Rule(lambda v: v > 0, "must be > 0 (for greedy decoding pass --top_k=1)", None, (0.0, -1.0)),
-    "samples_file": ANY, "debug": ANY,
+    "samples_file": ANY,
+    "debug": ANY,
 }
 
 

@@ -152,6 +152,17 @@ def test_bad_settings_end_to_end_write_nothing(shards, tmp_path):
     assert os.listdir(work) == []
 
 
+def test_hellaswag_checks_the_model_before_downloading_the_data(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = hellaswag.expand_aliases(["-m", str(tmp_path / "no_such_model"), f"--cache_dir={cache}"])
+    code, err = run_in_process("hellaswag", argv, capsys)
+    assert code == 1 and err.startswith("error: -m ") and "no_such_model: that directory does not exist" in err, err
+    (tmp_path / "empty_dir").mkdir()
+    code, err = run_in_process("hellaswag", [f"--model={tmp_path / 'empty_dir'}", f"--cache_dir={cache}"], capsys)
+    assert code == 1 and "empty_dir: that directory holds no config.json" in err, err
+    assert not cache.exists()
+
+
 # --- checkpoints that cannot be read ---
 
 
@@ -222,6 +233,14 @@ def test_resume_skips_a_corrupt_newest_checkpoint(trained, tmp_path):
     assert read_log(resumed) == read_log(log_dir)  # steps 2 and 3 again, as the uninterrupted run took them
     out = run_gpt2(*args).stdout  # and the next resume takes the new model_00004.pt, skipping nothing
     assert "skipping" not in out and "model_00004.pt (step 4)" in out
+    # the checkpoint's settings with the command line on top are checked too: its warmup_steps=2 and max_steps=4
+    # leave no room for 10 decay steps, which the defaults (715 and 19073) would
+    before = {n: (resumed / n).read_bytes() for n in os.listdir(resumed)}
+    err = one_line_error(run_gpt2(*args, "--lr_decay_steps=10", check=False))
+    assert "--lr_decay_steps=10 after --warmup_steps=2 is longer than the run (--max_steps=4)" in err
+    err = one_line_error(run_gpt2(*args, "--max_steps=3", check=False))
+    assert "--max_steps=3 is before checkpoint" in err and "nothing to train" in err
+    assert {n: (resumed / n).read_bytes() for n in os.listdir(resumed)} == before
 
 
 def test_only_checkpoint_unreadable_stops_and_changes_nothing(trained, tmp_path):
