@@ -72,7 +72,7 @@ class Rule(NamedTuple):
 
 
 def at_least(low):
-    return Rule(lambda v: v >= low, f"must be at least {low}", low, (low - 1,) if low else (-1,))
+    return Rule(lambda v: v >= low, f"must be at least {low}", low, tuple(sorted({low - 1, -1})))  # zero and negative
 
 
 def above(low):
@@ -109,6 +109,8 @@ def check_settings(cfg, rules, relations=()):
     The message names the setting and its value, says what is accepted and suggests a value that works (the
     default when it does, else the rule's example)."""
     for field in dataclasses.fields(cfg):
+        if field.name not in rules:  # a programming error, not the user's: a traceback is right
+            raise KeyError(f"{type(cfg).__name__}.{field.name} has no rule: add one to the RULES beside it")
         rule, value = rules[field.name], getattr(cfg, field.name)
         if not rule.holds(value):
             good = field.default if rule.holds(field.default) else rule.example
