@@ -141,9 +141,6 @@ def test_bad_settings_end_to_end_write_nothing(shards, tmp_path):
     # gpt2.py with real shards: a zero step count used to train nothing and exit 0
     err = one_line_error(run_script("gpt2", *TINY, f"--data_dir={shards}", "--log_dir=log", "--max_steps=0", cwd=work))
     assert "--max_steps=0: must be at least 1" in err
-    # hellaswag.py with a hub name: refused before the model or the data is downloaded
-    err = one_line_error(run_script("hellaswag", "-m", "gpt2", "--batch_size=0", f"--cache_dir={work}/cache", cwd=work))
-    assert "--batch_size=0: must be at least 1" in err
     # fineweb.py on a local file
     (tmp_path / "corpus.txt").write_text("some text\n")
     err = one_line_error(run_script("fineweb", f"--data_files={tmp_path / 'corpus.txt'}", "--out_dir=out",
@@ -233,14 +230,24 @@ def test_resume_skips_a_corrupt_newest_checkpoint(trained, tmp_path):
     assert read_log(resumed) == read_log(log_dir)  # steps 2 and 3 again, as the uninterrupted run took them
     out = run_gpt2(*args).stdout  # and the next resume takes the new model_00004.pt, skipping nothing
     assert "skipping" not in out and "model_00004.pt (step 4)" in out
-    # the checkpoint's settings with the command line on top are checked too: its warmup_steps=2 and max_steps=4
-    # leave no room for 10 decay steps, which the defaults (715 and 19073) would
-    before = {n: (resumed / n).read_bytes() for n in os.listdir(resumed)}
-    err = one_line_error(run_gpt2(*args, "--lr_decay_steps=10", check=False))
-    assert "--lr_decay_steps=10 after --warmup_steps=2 is longer than the run (--max_steps=4)" in err
-    err = one_line_error(run_gpt2(*args, "--max_steps=3", check=False))
-    assert "--max_steps=3 is before checkpoint" in err and "nothing to train" in err
-    assert {n: (resumed / n).read_bytes() for n in os.listdir(resumed)} == before
+
+
+def test_resumed_settings_are_checked_with_the_command_line_on_top(trained):
+    data_dir, log_dir = trained
+    d = gpt2.Dist(0, 0, 1, torch.device("cpu"))
+    before = {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir)}
+    for extra, message in [
+        # the checkpoint's warmup_steps=2 and max_steps=4 leave no room for 10 decay steps; the defaults would
+        ("--lr_decay_steps=10", "--lr_decay_steps=10 after --warmup_steps=2 is longer than the run \\(--max_steps=4\\)"),
+        ("--max_steps=3", "--max_steps=3 is before checkpoint .*model_00004.pt, at step 4: nothing to train"),
+    ]:
+        cfg = gpt2.Config()
+        overridden = cli.apply_overrides(cfg, [*TINY, f"--data_dir={data_dir}", f"--log_dir={log_dir}",
+                                               "--init_from=resume", extra])
+        gpt2.check_config(cfg)  # the command line alone is fine
+        with pytest.raises(cli.UserError, match=message):
+            gpt2.starting_point(cfg, overridden, d, print)
+    assert {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir)} == before
 
 
 def test_only_checkpoint_unreadable_stops_and_changes_nothing(trained, tmp_path):
