@@ -20,6 +20,7 @@ and the command line. hellaswag.py is the command line for HellaSwag alone; it i
 import dataclasses
 import glob
 import http.client
+import io
 import json
 import math
 import os
@@ -209,6 +210,13 @@ RELATIONS = [  # between settings; the checks that need the world size, the mach
 
 def check_config(cfg):
     check_settings(cfg, RULES, RELATIONS)
+
+
+def check_command_line(cfg):
+    """Before any work: every value, and the relations between them unless training continues a checkpoint, whose
+    settings fill in those the command line leaves out (starting_point checks that merged config)."""
+    continues = cfg.mode == "train" and cfg.init_from != "scratch" and not is_hf_model(cfg.init_from)
+    check_settings(cfg, RULES, () if continues else RELATIONS)
 
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the Config fields that shape the model
@@ -1405,15 +1413,16 @@ def holds_code(path, error):
     """Whether torch refused `path` for a Python global (a callable that would run code on load) rather than for
     being garbage: both are an UnpicklingError. torch names the global for its zip format; a bare pickle is read here
     opcode by opcode, never executed."""
-    if "unsupported global" in str(error).lower():
-        return True
     if zipfile.is_zipfile(path):
-        return False
+        return "unsupported global" in str(error).lower()
     try:
         with open(path, "rb") as f:
-            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE") for op, _, _ in pickletools.genops(f))
+            pickletools.dis(f, out=io.StringIO())  # walks the whole pickle checking its stack: garbage fails somewhere
+            f.seek(0)
+            names = {op.name for op, _, _ in pickletools.genops(f)}
     except Exception:  # not a pickle at all
         return False
+    return bool(names & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"})
 
 
 def clean_state_dict(state_dict):
@@ -1621,7 +1630,7 @@ def export(cfg):
 
 
 def main(cfg, overridden):
-    check_config(cfg)
+    check_command_line(cfg)
     if cfg.init_from not in ("scratch", "resume") and not os.path.exists(cfg.init_from) and not is_hf_model(cfg.init_from):
         raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, a model_XXXXX.pt path, "
                         f"a Hugging Face GPT-2 name ({', '.join(HF_HUB_NAMES)}) or a directory saved by transformers")

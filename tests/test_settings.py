@@ -242,11 +242,18 @@ def test_resumed_settings_are_checked_with_the_command_line_on_top(trained):
         ("--max_steps=3", "--max_steps=3 is before checkpoint .*model_00004.pt, at step 4: nothing to train"),
     ]:
         cfg = gpt2.Config()
-        overridden = cli.apply_overrides(cfg, [*TINY, f"--data_dir={data_dir}", f"--log_dir={log_dir}",
-                                               "--init_from=resume", extra])
-        gpt2.check_config(cfg)  # the command line alone is fine
+        overridden = cli.apply_overrides(cfg, [f"--data_dir={data_dir}", f"--log_dir={log_dir}", "--init_from=resume",
+                                               "--device=cpu", extra])
+        gpt2.check_command_line(cfg)  # the other settings come from the checkpoint, so main lets this through
         with pytest.raises(cli.UserError, match=message):
             gpt2.starting_point(cfg, overridden, d, print)
+    # and a resume that gives only what differs from the checkpoint is not held to the defaults of the rest
+    # (micro_batch_size=64 x block_size=1024 would refuse this batch; the checkpoint's 4 x 16 divide it)
+    cfg = gpt2.Config()
+    overridden = cli.apply_overrides(cfg, [f"--log_dir={log_dir}", "--init_from=resume", "--total_batch_size=256"])
+    gpt2.check_command_line(cfg)
+    cfg, ckpt, _ = gpt2.starting_point(cfg, overridden, d, print)
+    assert (cfg.total_batch_size, cfg.micro_batch_size, cfg.block_size, ckpt["step"]) == (256, 4, 16, 4)
     assert {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir)} == before
 
 
