@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tiktoken
 
-from cli import UserError, run_cli
+from cli import ANY, NOT_EMPTY, UserError, at_least, check_settings, one_of, run_cli
 
 # --- config ---
 
@@ -62,6 +62,26 @@ class Config:
     unit_bytes: int = 4_000_000  # parquet: a unit of work is row groups of one file holding this much text (~1M tokens)
     batch_docs: int = 1024  # jsonl/text: documents per batch sent to a tokenizer process
     debug: bool = False  # show tracebacks instead of one-line errors
+
+
+RULES = {  # what each setting accepts, checked before any work (see cli.check_settings)
+    "dataset": NOT_EMPTY,
+    "name": ANY,
+    "split": NOT_EMPTY,
+    "data_files": ANY,  # each path is checked when it is read
+    "text_column": NOT_EMPTY,
+    "text_sample_by": one_of("line", "paragraph", "document"),
+    "max_docs": at_least(0),
+    "out_dir": NOT_EMPTY,
+    "shard_size": at_least(1),
+    "val_tokens": at_least(0),
+    "overwrite": ANY,
+    "num_proc": at_least(0),
+    "batch_docs": at_least(1),
+    "unit_bytes": at_least(1),
+    "hub_root": NOT_EMPTY,
+    "debug": ANY,
+}
 
 
 TOKENIZER = "r50k_base"  # gpt2.TOKENIZER: GPT-2's BPE; its <|endoftext|> (50256) starts every document
@@ -850,14 +870,7 @@ def clear_out_dir(out_dir):
 
 
 def main(cfg, overridden=()):
-    for name in ("shard_size", "batch_docs", "unit_bytes"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
-    for name in ("val_tokens", "max_docs", "num_proc"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be 0 or more")
-    if cfg.text_sample_by not in ("line", "paragraph", "document"):
-        raise UserError(f"--text_sample_by={cfg.text_sample_by}: expected line, paragraph or document")
+    check_settings(cfg, RULES)
     enc = tiktoken.get_encoding(TOKENIZER)
     if enc.max_token_value >= 2**16:
         raise UserError(f"tokenizer {TOKENIZER} has ids up to {enc.max_token_value}: they do not fit in uint16 shards")

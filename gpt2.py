@@ -20,10 +20,12 @@ and the command line. hellaswag.py is the command line for HellaSwag alone; it i
 import dataclasses
 import glob
 import http.client
+import io
 import json
 import math
 import os
 import pickle
+import pickletools
 import random
 import re
 import sys
@@ -31,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -41,7 +44,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, run_cli
+from cli import (
+    ANY,
+    NOT_EMPTY,
+    Relation,
+    Rule,
+    UserError,
+    above,
+    at_least,
+    between,
+    check_settings,
+    one_of,
+    run_cli,
+)
 
 # --- config ---
 
@@ -104,6 +119,117 @@ class Config:
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
+# what each setting accepts, checked before any work (and again on the settings a resumed checkpoint brings)
+RULES = {
+    # data and output
+    "data_dir": NOT_EMPTY,
+    "log_dir": NOT_EMPTY,
+    "init_from": NOT_EMPTY,  # the file or model it names is checked when it is loaded
+    "mode": one_of("train", "sample", "export"),
+    "export_dir": ANY,
+    # model
+    "n_layer": at_least(1),
+    "n_head": at_least(1),
+    "n_embd": at_least(1),
+    "block_size": at_least(1),
+    "vocab_size": at_least(1),
+    # batch
+    "total_batch_size": at_least(1),
+    "micro_batch_size": at_least(1),
+    "shuffle": ANY,
+    # optimizer and learning-rate schedule
+    "max_lr": above(0),
+    "min_lr": at_least(0),
+    "warmup_steps": at_least(0),
+    "max_steps": at_least(1),
+    "lr_schedule": one_of("cosine", "wsd"),
+    "lr_decay_steps": at_least(0),
+    "warmdown_steps": at_least(0),
+    "weight_decay": at_least(0),
+    "beta1": between(0, 1, 0.9),
+    "beta2": between(0, 1, 0.95),
+    "eps": above(0),
+    "grad_clip": at_least(0),
+    "seed": between(0, 2**32, 1337),  # numpy's seeds are 32-bit
+    # system
+    "device": one_of("auto", "cpu", "cuda", "mps"),
+    "dtype": one_of("auto", "float32", "bfloat16"),
+    "compile": ANY,
+    # evaluation, sampling and checkpoints
+    "val_every": at_least(0),
+    "val_tokens": at_least(1),
+    "hellaswag_every": at_least(0),
+    "hellaswag_file": ANY,
+    "sample_every": at_least(0),
+    "checkpoint_every": at_least(0),
+    "keep_checkpoints": at_least(0),
+    "skip_nonfinite": ANY,
+    "wandb_log": ANY,
+    "wandb_project": NOT_EMPTY,
+    "wandb_run_name": ANY,
+    # sampling
+    "prompt": ANY,  # a prompt too long for block_size keeps its end
+    "num_samples": at_least(1),
+    "max_new_tokens": at_least(1),
+    "top_k": at_least(1),
+    "temperature": Rule(lambda v: v > 0, "must be > 0 (for greedy decoding pass --top_k=1)", None, (0.0, -1.0)),
+    "samples_file": ANY,
+    "debug": ANY,
+}
+
+
+def heads_error(c):
+    divisors = [h for h in range(1, c.n_embd + 1) if c.n_embd % h == 0][:12]
+    return f"n_embd={c.n_embd} is not divisible by n_head={c.n_head}: choose n_head among {divisors}"
+
+
+def batch_error(c):
+    per_micro_step = c.micro_batch_size * c.block_size
+    nearest = max(1, round(c.total_batch_size / per_micro_step)) * per_micro_step
+    return (f"total_batch_size={c.total_batch_size} is not divisible by micro_batch_size*block_size = {c.micro_batch_size}"
+            f"*{c.block_size} = {per_micro_step}: use a multiple of it such as --total_batch_size={nearest}")
+
+
+RELATIONS = [  # between settings; the checks that need the world size, the machine or files come later
+    Relation(("n_embd", "n_head"), lambda c: c.n_embd % c.n_head == 0, heads_error, {"n_embd": 30, "n_head": 4}),
+    Relation(("total_batch_size", "micro_batch_size", "block_size"),
+             lambda c: c.total_batch_size % (c.micro_batch_size * c.block_size) == 0, batch_error,
+             {"total_batch_size": 100, "micro_batch_size": 4, "block_size": 16}),
+    Relation(("min_lr", "max_lr"), lambda c: c.min_lr <= c.max_lr,
+             lambda c: f"--min_lr={c.min_lr} is above --max_lr={c.max_lr}: the schedule ends at min_lr, so pass "
+                       f"--min_lr={c.max_lr / 10:g} (10% of max_lr) or less", {"min_lr": 1.0, "max_lr": 0.1}),
+    Relation(("lr_decay_steps", "warmup_steps", "max_steps"),
+             lambda c: c.warmup_steps + c.lr_decay_steps <= c.max_steps or not c.lr_decay_steps,
+             lambda c: f"--lr_decay_steps={c.lr_decay_steps} after --warmup_steps={c.warmup_steps} is longer than the run "
+                       f"(--max_steps={c.max_steps}): pass --lr_decay_steps={max(c.max_steps - c.warmup_steps, 0)} or "
+                       f"less (0 = decay until max_steps)", {"lr_decay_steps": 100, "warmup_steps": 10, "max_steps": 50}),
+    Relation(("max_new_tokens", "block_size"),
+             lambda c: c.max_new_tokens < c.block_size or c.mode != "train" or not c.sample_every,
+             lambda c: f"--max_new_tokens={c.max_new_tokens} leaves no room for the prompt in block_size={c.block_size}: "
+                       f"pass --max_new_tokens={max(c.block_size // 2, 1)} or less, or --sample_every=0",
+             {"max_new_tokens": 16, "block_size": 16}),
+    Relation(("export_dir", "mode"), lambda c: c.export_dir or c.mode != "export",
+             lambda c: "--mode=export needs --export_dir=DIR, the directory to write the Hugging Face model to",
+             {"mode": "export", "export_dir": ""}),
+    Relation(("warmdown_steps", "warmup_steps", "max_steps", "lr_schedule"),
+             lambda c: c.lr_schedule != "wsd" or c.warmup_steps + (c.warmdown_steps or c.max_steps // 5) <= c.max_steps,
+             lambda c: f"--warmdown_steps={c.warmdown_steps or c.max_steps // 5} after --warmup_steps={c.warmup_steps} is "
+                       f"longer than the run (--max_steps={c.max_steps}): lower them or raise max_steps",
+             {"lr_schedule": "wsd", "warmdown_steps": 100, "warmup_steps": 10, "max_steps": 50}),
+]
+
+
+def check_config(cfg):
+    check_settings(cfg, RULES, RELATIONS)
+
+
+def check_command_line(cfg):
+    """Before any work: every value, and the relations between them unless training continues a checkpoint, whose
+    settings fill in those the command line leaves out (starting_point checks that merged config)."""
+    continues = cfg.mode == "train" and cfg.init_from != "scratch" and not is_hf_model(cfg.init_from)
+    check_settings(cfg, RULES, () if continues else RELATIONS)
+
+
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the Config fields that shape the model
 
 
@@ -123,8 +249,7 @@ class GPTConfig:
             if value < 1:
                 raise UserError(f"{name}={value}: must be at least 1")
         if self.n_embd % self.n_head:
-            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                            f"choose n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}")
+            raise UserError(heads_error(self))
 
 
 def model_config(cfg):
@@ -848,18 +973,17 @@ def train(cfg, overridden):
         teardown_distributed()
 
 
-def starting_point(cfg, overridden, say):
+def starting_point(cfg, overridden, d, say):
     """Where training starts: (the run's config, a checkpoint or None, a Hugging Face model or None).
 
-    resume takes the newest checkpoint in log_dir (none: from scratch); a model_XXXXX.pt path, that checkpoint; both
-    continue with the checkpoint's settings under this command line's overrides. A Hugging Face GPT-2 gives its
-    weights and shape, trained from step 0 with a fresh optimizer. scratch and a Hugging Face start refuse a log_dir
-    that holds checkpoints, rather than overwrite them.
+    resume takes the newest readable checkpoint in log_dir (none: from scratch); a model_XXXXX.pt path, that checkpoint;
+    both continue with the checkpoint's settings under this command line's overrides, checked again. A Hugging Face
+    GPT-2 gives its weights and shape, trained from step 0 with a fresh optimizer. scratch and a Hugging Face start
+    refuse a log_dir that holds checkpoints, rather than overwrite them. Every rank of d must start from the same one.
     """
-    path = hf_model = None
+    path = ckpt = hf_model = None
     if cfg.init_from == "resume":
-        found = list_checkpoints(cfg.log_dir)
-        path = found[-1][1] if found else None
+        path, ckpt = newest_readable_checkpoint(cfg.log_dir, d.is_master, say)
         if path is None:
             say(f"init_from=resume: no checkpoint in {cfg.log_dir}/, starting from scratch")
     elif cfg.init_from == "scratch" or is_hf_model(cfg.init_from):
@@ -873,10 +997,15 @@ def starting_point(cfg, overridden, say):
             say(f"fine-tuning {cfg.init_from}: its weights, from step 0 with a fresh optimizer")
     else:
         path = cfg.init_from
-    ckpt = load_checkpoint(path) if path else None
+        ckpt = load_checkpoint(path)
+    ranks_agree_on(path, d)
     if ckpt:
         cfg = resume_config(cfg, overridden, ckpt["config"], path)
         say(f"resuming from {path} (step {ckpt['step']}) with its settings, overridden by: {sorted(overridden) or 'nothing'}")
+    check_config(cfg)
+    if ckpt and ckpt["step"] > cfg.max_steps:
+        raise UserError(f"--max_steps={cfg.max_steps} is before checkpoint {path}, at step {ckpt['step']}: nothing to "
+                        f"train; pass --max_steps={ckpt['step']} or more")
     return cfg, ckpt, hf_model
 
 
@@ -957,7 +1086,7 @@ def run_training(cfg, overridden, d):
     validation loss, HellaSwag and samples; after it, when due, a checkpoint.
     """
     say = print if d.is_master else (lambda *args, **kwargs: None)
-    cfg, ckpt, hf_model = starting_point(cfg, overridden, say)
+    cfg, ckpt, hf_model = starting_point(cfg, overridden, d, say)
     check_recipe(cfg)
     say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     random.seed(cfg.seed)
@@ -972,7 +1101,6 @@ def run_training(cfg, overridden, d):
     hella = load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None
     enc = None
     if cfg.sample_every and d.is_master:
-        check_sampling(cfg)
         enc = get_tokenizer()
     raw_model, optimizer, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say)
     del ckpt, hf_model  # the model holds the weights now
@@ -1188,10 +1316,11 @@ def load_hellaswag(split="val", data_file=None, *, is_master=True, cache_dir=Non
 
 
 def fit_example(example, block_size):
-    """The context and endings cut to fit block_size positions: endings to block_size - 1 tokens (one
-    context token must predict their first), then the context from the left. GPT-2's 1024 fits them all."""
-    endings = [e[:block_size - 1] for e in example.endings]
-    keep = block_size - max(len(e) for e in endings)
+    """The context and endings cut to fit block_size positions: endings to block_size tokens, then the context from
+    the left. An ending's last token is only predicted, never read, so context + ending takes one position less than
+    its length, and at least one context token is kept to predict the first. GPT-2's 1024 fits them all."""
+    endings = [e[:block_size] for e in example.endings]
+    keep = block_size + 1 - max(len(e) for e in endings)
     return example.context[-keep:], endings
 
 
@@ -1320,15 +1449,6 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
     return torch.cat(new_tokens, dim=1), torch.cat(logprobs, dim=1)
 
 
-def check_sampling(cfg):
-    """One-line errors for sampling settings that generate() cannot use."""
-    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 1)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least {low}")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature={cfg.temperature}: must be > 0 (for greedy decoding pass --top_k=1)")
-
-
 def print_samples(model, enc, device, autocast, cfg):
     """Prints cfg.num_samples samples of cfg.prompt, seeded with cfg.seed so they can be compared across steps.
 
@@ -1381,6 +1501,43 @@ def list_checkpoints(log_dir):
     return sorted(found)
 
 
+def newest_readable_checkpoint(log_dir, is_master, say):
+    """(path, checkpoint) of the newest checkpoint in log_dir that loads, or (None, None) when there is none.
+
+    A newer one that cannot be read (truncated, corrupt, or holding code) is skipped with a warning, and rank 0
+    renames it to model_XXXXX.pt.unreadable: kept for a look, and never picked again, so that a torchrun restart loop
+    goes on from the one before. When no older checkpoint is left to fall back to, that is an error and nothing is
+    renamed: starting over from scratch is for the user to decide.
+    """
+    found = list_checkpoints(log_dir)
+    for i in reversed(range(len(found))):
+        path = found[i][1]
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            if i == 0:
+                raise
+            if is_master:
+                os.replace(path, f"{path}.unreadable")
+            say(f"warning: skipping {path} (renamed to {os.path.basename(path)}.unreadable): {e}")
+    return None, None
+
+
+def ranks_agree_on(path, d):
+    """Stops every rank unless all start from the same checkpoint (the same file name, step and size): ranks that
+    each see their own log_dir (node-local disks on several nodes) would otherwise train from different states."""
+    if not dist.is_initialized():
+        return
+    mine = (os.path.basename(path), os.path.getsize(path)) if path else None
+    everyone = [None] * d.world_size
+    dist.all_gather_object(everyone, mine)
+    describe = lambda start: f"{start[0]} ({start[1]:,} bytes)" if start else "no checkpoint"
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise UserError(f"rank 0 starts from {describe(everyone[0])} but rank {rank} from {describe(theirs)}: all "
+                            f"ranks must read the same checkpoints, so put --log_dir on a file system that every node shares")
+
+
 def save_checkpoint(path, state):
     """Writes state to path atomically: a crash leaves either the old file or the complete new one."""
     tmp = f"{path}.tmp"
@@ -1403,14 +1560,35 @@ def load_checkpoint(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing a file
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"refused to load checkpoint {path}: it holds Python objects that could run code, not just "
-                        f"tensors and plain data; only load checkpoints written by gpt2.py") from None
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) and holds_code(path, e):
+            raise UserError(f"refused to load checkpoint {path}: it holds Python objects that could run code, not just "
+                            f"tensors and plain data; only load checkpoints written by gpt2.py") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = type(e).__name__ if isinstance(e, pickle.UnpicklingError) or not first else f"{type(e).__name__}: {first}"
         raise UserError(f"cannot load checkpoint {path} ({reason}): it is truncated, corrupt or not one of ours; "
                         f"pass an earlier model_XXXXX.pt or --init_from=scratch") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise UserError(f"cannot load checkpoint {path}: it is not a checkpoint written by gpt2.py (a dict with model, "
+                        f"config and step); pass a model_XXXXX.pt or --init_from=scratch")
+    return ckpt
+
+
+def holds_code(path, error):
+    """Whether torch refused `path` for a Python global (a callable that would run code on load) rather than for
+    being garbage: both are an UnpicklingError. torch names the global for its zip format; a bare pickle is read here
+    opcode by opcode, never executed."""
+    if zipfile.is_zipfile(path):
+        return "unsupported global" in str(error).lower()
+    try:
+        with open(path, "rb") as f:
+            pickletools.dis(f, out=io.StringIO())  # walks the whole pickle checking its stack: garbage fails somewhere
+            f.seek(0)
+            names = {op.name for op, _, _ in pickletools.genops(f)}
+    except Exception:  # not a pickle at all
+        return False
+    return bool(names & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"})
 
 
 def clean_state_dict(state_dict):
@@ -1592,7 +1770,6 @@ def model_to_use(cfg):
 
 def sample(cfg):
     """--mode=sample: prints samples of cfg.prompt and, with --samples_file, writes them as JSON lines."""
-    check_sampling(cfg)
     device = resolve_device(cfg.device)
     autocast, _ = make_autocast(cfg.dtype, device)
     enc = get_tokenizer()
@@ -1610,8 +1787,6 @@ def sample(cfg):
 
 def export(cfg):
     """--mode=export: our checkpoint as a directory transformers loads with from_pretrained."""
-    if not cfg.export_dir:
-        raise UserError("--mode=export needs --export_dir=DIR, the directory to write the Hugging Face model to")
     source = model_to_use(cfg)
     written = export_hf(load_model(source), cfg.export_dir)
     print(f"exported {source} to {cfg.export_dir}/: {', '.join(written)}")
@@ -1621,6 +1796,7 @@ def export(cfg):
 
 
 def main(cfg, overridden):
+    check_command_line(cfg)
     if cfg.init_from not in ("scratch", "resume") and not os.path.exists(cfg.init_from) and not is_hf_model(cfg.init_from):
         raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, a model_XXXXX.pt path, "
                         f"a Hugging Face GPT-2 name ({', '.join(HF_HUB_NAMES)}) or a directory saved by transformers")
@@ -1628,10 +1804,8 @@ def main(cfg, overridden):
         train(cfg, overridden)
     elif cfg.mode == "sample":
         sample(cfg)
-    elif cfg.mode == "export":
-        export(cfg)
     else:
-        raise UserError(f"--mode={cfg.mode}: expected train, sample or export")
+        export(cfg)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ internet pass --data_file=path/to/hellaswag_val.jsonl. The scorer itself (build-
 evaluation section, where training calls it too: this file imports gpt2, never the reverse.
 """
 
+import os
 import sys
 from dataclasses import dataclass
 
-from cli import UserError, run_cli
+from cli import ANY, NOT_EMPTY, Relation, UserError, at_least, check_settings, one_of, run_cli
 from gpt2 import (
     HELLASWAG_URL,
     evaluate_hellaswag,
@@ -45,23 +46,51 @@ class Config:
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
+RULES = {  # what each setting accepts, checked before any work (see cli.check_settings)
+    "model": ANY,  # checked when it is loaded, before the data is downloaded
+    "checkpoint": ANY,
+    "data_file": ANY,
+    "split": one_of("val", "train"),
+    "limit": at_least(0),
+    "device": one_of("auto", "cpu", "cuda", "mps"),
+    "dtype": one_of("auto", "float32", "bfloat16"),
+    "batch_size": at_least(1),
+    "cache_dir": ANY,
+    "data_url": NOT_EMPTY,
+    "debug": ANY,
+}
+RELATIONS = [
+    Relation(("model", "checkpoint"), lambda c: bool(c.model) != bool(c.checkpoint),
+             lambda c: "pass exactly one of -m NAME (a Hugging Face model such as gpt2, or its directory) and "
+                       "--checkpoint=PATH (a model_XXXXX.pt written by gpt2.py)", {"model": "gpt2", "checkpoint": "x.pt"}),
+]
+
+
 # --- command line ---
 
 
+def check_model_path(name):
+    """A -m that names a local path must be a directory saved by transformers; anything else is a hub name."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        what = "does not exist" if not os.path.exists(os.path.expanduser(name)) else "holds no config.json"
+        raise UserError(f"-m {name}: that directory {what}; pass a directory saved by transformers (save_pretrained, "
+                        f"or gpt2.py --mode=export) or a hub name such as gpt2")
+
+
 def main(cfg, overridden):
-    if bool(cfg.model) == bool(cfg.checkpoint):
-        raise UserError("pass exactly one of -m NAME (a Hugging Face model such as gpt2, or its directory) "
-                        "and --checkpoint=PATH (a model_XXXXX.pt written by gpt2.py)")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size={cfg.batch_size}: must be at least 1")
+    check_settings(cfg, RULES, RELATIONS)
+    if cfg.model:
+        check_model_path(cfg.model)
     d = setup_distributed(cfg.device)
     try:
         say = print if d.is_master else (lambda *args, **kwargs: None)
         device = d.device
         autocast, use_bf16 = make_autocast(cfg.dtype, device)
+        # the model first: a wrong name or path stops the run before the data is downloaded
+        model = load_hf_model(cfg.model, device) if cfg.model else load_model(cfg.checkpoint, device)
         examples = load_hellaswag(cfg.split, cfg.data_file or None, is_master=d.is_master, cache_dir=cfg.cache_dir or None,
                                   url=cfg.data_url, limit=cfg.limit)
-        model = load_hf_model(cfg.model, device) if cfg.model else load_model(cfg.checkpoint, device)
         say(f"hellaswag {cfg.split}: {len(examples)} examples | {cfg.model or cfg.checkpoint} | {device} | "
             f"{'bfloat16' if use_bf16 else 'float32'} | {d.world_size} rank(s)", flush=True)
         result = evaluate_hellaswag(model, examples, device, autocast, d.rank, d.world_size, cfg.batch_size,

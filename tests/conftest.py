@@ -1,5 +1,8 @@
 """Shared test setup: offline tokenizer files, the repo on sys.path, tiny shards and a runner for gpt2.py."""
 
+import base64
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +13,72 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# tiktoken reads its GPT-2 files from here when the machine has no internet access
+
+
+def bytes_to_unicode():
+    """GPT-2's printable stand-in for each byte, as its encoder.json and vocab.bpe spell tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def gpt2_files_from_r50k(r50k_bytes):
+    """GPT-2's encoder.json and vocab.bpe, rebuilt from r50k_base.tiktoken (the same ranks): the token -> id table,
+    and each merged token split into the pair that BPE, using only the merges before it, leaves last."""
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in r50k_bytes.splitlines())}
+    spell = lambda token: "".join(BYTE_TO_CHAR[b] for b in token)
+    ordered = sorted(ranks, key=ranks.get)
+    encoder = {spell(token): ranks[token] for token in ordered} | {"<|endoftext|>": len(ordered)}
+    merges = []
+    for token in ordered[256:]:
+        parts, limit = [bytes([b]) for b in token], ranks[token]
+        while len(parts) > 2:
+            i = min(range(len(parts) - 1), key=lambda j: min(ranks.get(parts[j] + parts[j + 1], limit), limit))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    return json.dumps(encoder).encode(), ("#version: 0.2\n" + "\n".join(merges) + "\n").encode()
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+
+
+def ensure_tokenizer_files():
+    """tiktoken's GPT-2 files (r50k_base, which the scripts use, and gpt2, which tests compare with) for a machine
+    whose only network is the package index: demo.py's route (openai-whisper's sdist on PyPI, checked by SHA-256)
+    into demo/tiktoken_cache (git ignores demo/), and gpt2's two files rebuilt from it, checked against the SHA-256
+    tiktoken expects. Nothing happens where tiktoken already loads both."""
+    import tiktoken
+
+    try:
+        tiktoken.get_encoding("r50k_base"), tiktoken.get_encoding("gpt2")
+        return
+    except Exception:
+        pass
+    import demo
+    import gpt2
+
+    demo_dir = os.path.join(ROOT, "demo")
+    cache_dir = os.path.join(demo_dir, "tiktoken_cache")
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    demo.ensure_tokenizer(demo_dir)
+    cached = lambda url: os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+    with open(cached(demo.R50K_URL), "rb") as f:
+        derived = dict(zip(("vocab.json", "merges.txt"), gpt2_files_from_r50k(f.read()), strict=True))
+    for name, (url, sha256) in gpt2.GPT2_TOKENIZER_FILES.items():
+        assert hashlib.sha256(derived[name]).hexdigest() == sha256, f"rebuilt GPT-2 {name} differs from tiktoken's"
+        with open(cached(url) + ".tmp", "wb") as f:
+            f.write(derived[name])
+        os.replace(cached(url) + ".tmp", cached(url))
+    tiktoken.get_encoding("gpt2")
+
+
+# tiktoken reads its GPT-2 files from TIKTOKEN_CACHE_DIR: CI's shared copy when there is one, else they are fetched
 _cache = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_cache)
+if "TIKTOKEN_CACHE_DIR" not in os.environ:
+    if os.path.isdir(_cache):
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_cache)
+    else:
+        ensure_tokenizer_files()
 
 # a model small enough to train a few steps in about a second on a CPU
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=128", "--micro_batch_size=4",

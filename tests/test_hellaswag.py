@@ -109,19 +109,21 @@ def expected_line(losses, labels):
 
 
 def reference_losses(model, examples, block_size=None):
-    """Straightforward scoring with our GPT's own forward: 4 separate rows context + ending per example, full logits,
-    the loss of each ending token. With block_size, the example is first cut as hellaswag.py documents it."""
+    """Straightforward scoring with our GPT's own forward: 4 separate rows context + ending per example (the ending's
+    last token is only predicted, so it is not fed), full logits, the loss of each ending token. With block_size, the
+    example is first cut as gpt2.fit_example documents it: endings to block_size tokens, then the context from the
+    left until context + ending[:-1] fits."""
     out = []
     for ex in examples:
         context, endings = ex.context, ex.endings
         if block_size:
-            endings = [e[:block_size - 1] for e in endings]
-            context = context[-(block_size - max(map(len, endings))):]
+            endings = [e[:block_size] for e in endings]
+            context = context[-(block_size + 1 - max(map(len, endings))):]
         per_ending = []
         for ending in endings:
-            row = torch.tensor([context + ending])
+            row = torch.tensor([context + ending[:-1]])
             logits, _ = model(row)
-            predicted = logits[0, len(context) - 1:-1, :50257]  # (len(ending), V): the positions followed by an ending token
+            predicted = logits[0, len(context) - 1:, :50257]  # (len(ending), V): the positions followed by an ending token
             logp = F.log_softmax(predicted.double(), dim=-1)
             per_ending.append(-logp[torch.arange(len(ending)), torch.tensor(ending)])
         out.append(per_ending)
