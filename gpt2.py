@@ -630,8 +630,8 @@ def estimate_memory(cfg, world_size, use_bf16, loss_impl):
     """Bytes per rank that training with cfg needs, from the config alone: a dict of the parts (see the README).
 
     Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter, split over the ranks
-    under FSDP, which also holds one unit's gathered weights and gradients at a time (the root, with the embeddings,
-    is the largest). DDP keeps a second copy of the gradients in its all-reduce buckets. Activations are for one
+    under FSDP, which also holds the weights and gradients of a few whole units at a time ("gathered"; the root, with
+    the embeddings, is the largest). Activations are for one
     micro-batch: each block keeps about 16 numbers per token and channel for its backward pass (counted with
     torch.autograd.graph.saved_tensors_hooks), in bf16 or float32; with recompute only its input, plus one block's
     worth while it is recomputed. The loss adds its logits (plain) or one chunk of them and its gradients (chunked).
@@ -647,8 +647,10 @@ def estimate_memory(cfg, world_size, use_bf16, loss_impl):
         loss = tokens * V * (act + 4 + 4)  # the logits, in float32, and their log-softmax
     else:
         loss = tokens * C * 4 + V * C * 4 + min(tokens, LOSS_CHUNK_ELEMENTS // V) * V * 4  # dx, dweight, one chunk
-    parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards * (1 if sharded else 2), "optimizer": 8 * n / shards,
-             "gathered": 8 * (root + 2 * block) if sharded else 0,  # gathered weights and gradients: root + 2 blocks
+    parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards,
+             # FSDP: a unit's gathered weights (in the compute dtype) and gradients (float32), the root's and 2 blocks'
+             # (one computing, the next prefetched); DDP under bf16 autocast: the bf16 weights it caches for the forward
+             "gathered": (act + 4) * (root + 2 * block) if sharded else 2 * n if use_bf16 else 0,
              "loss": loss, "activations_kept": tokens * L * 16 * C * act + loss,
              "activations_recompute": tokens * (L + 16) * C * act + loss}
     parts["activations"] = parts["activations_recompute" if cfg.activation_checkpointing else "activations_kept"]
@@ -661,7 +663,7 @@ def describe_memory(parts, recompute):
     gb = lambda key: f"{parts[key] / 1e9:.2f}"
     other = "activations_kept" if recompute else "activations_recompute"
     return (f"memory per rank (estimate, GB): weights {gb('weights')} + gradients {gb('gradients')} + AdamW "
-            f"{gb('optimizer')} + gathered by FSDP {gb('gathered')} + activations {gb('activations')} per micro-batch "
+            f"{gb('optimizer')} + gathered/bf16 copies {gb('gathered')} + activations {gb('activations')} per micro-batch "
             f"({gb(other)} {'without' if recompute else 'with'} activation_checkpointing) = {gb('total')}")
 
 
@@ -912,10 +914,12 @@ class RunLog:
 
 def wrap_model(cfg, raw_model, d):
     """(model for validation, model for training): torch.compile'd if asked (fixed shapes; sampling and HellaSwag run
-    raw_model), and for training inside DDP when several ranks hold whole copies (not under FSDP, sharded already)."""
+    raw_model), and for training inside DDP when several ranks hold whole copies (not under FSDP, sharded already).
+    DDP's gradients are views into its all-reduce buckets, rather than a second copy of them all."""
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if dist.is_initialized() and not is_sharded(raw_model):
-        return model, nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        return model, nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
     return model, model
 
 
