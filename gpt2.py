@@ -631,10 +631,10 @@ def estimate_memory(cfg, world_size, use_bf16, loss_impl):
 
     Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter, split over the ranks
     under FSDP, which also holds the weights and gradients of a few whole units at a time ("gathered"; the root, with
-    the embeddings, is the largest). Activations are for one
-    micro-batch: each block keeps about 16 numbers per token and channel for its backward pass (counted with
-    torch.autograd.graph.saved_tensors_hooks), in bf16 or float32; with recompute only its input, plus one block's
-    worth while it is recomputed. The loss adds its logits (plain) or one chunk of them and its gradients (chunked).
+    the embeddings, is the largest). Activations are for one micro-batch: each block keeps about 16 numbers per token
+    and channel for its backward pass (counted with torch.autograd.graph.saved_tensors_hooks), in bf16 or float32;
+    with recompute only its input, plus one block's worth while it is recomputed. The loss adds its logits (plain) or
+    one chunk of them and its gradients (chunked). Left out: the CUDA context, allocator slack, NCCL buffers.
     """
     V, C, L, T, B = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.micro_batch_size
     block, root = 12 * C * C + 13 * C, V * C + T * C + 2 * C  # parameters per Block, and outside the Blocks
@@ -1310,7 +1310,7 @@ def print_samples(model, enc, device, autocast, cfg, is_master=True):
     say = print if is_master else (lambda *args: None)
     if len(prompt) > room:
         say(f"warning: the prompt has {len(prompt)} tokens and {cfg.max_new_tokens} new ones must fit in block_size="
-              f"{model.config.block_size}: keeping its last {room} tokens")
+            f"{model.config.block_size}: keeping its last {room} tokens")
         prompt = prompt[-room:]
     if max(prompt) >= model.config.vocab_size:
         raise UserError(f"the prompt has token id {max(prompt)} >= the model's vocab_size={model.config.vocab_size}: this "

@@ -6,8 +6,10 @@
 
 `compare` starts each setting as its own 2-rank torchrun of this file, which measures its resident memory (RSS,
 what the CPU's "GPU memory" is here) at each phase: after the model and optimizer are built, after the first
-optimizer step (weights + gradients + AdamW state), and the peak over the next steps; activations = that peak minus
-the state. Every figure is above the RSS of the process before the model (torch, gloo). `large` runs gpt2.py itself
+optimizer step (weights + gradients + AdamW state), and the peak over the next steps; peak - state is what a step
+adds (activations, and under FSDP the gathered units). Every figure is above the RSS of the process before the model
+(torch, gloo). `saved` is the activation memory proper: the bytes of the tensors autograd keeps for the backward
+pass (torch.autograd.graph.saved_tensors_hooks, weights left out). `large` runs gpt2.py itself
 and reads each rank's peak RSS from /proc while it trains; DDP is not run at that size (it would not fit two ranks
 in 24 GB) but estimated. gpt2.py's own estimate (estimate_memory, printed at the start of a run) is shown beside.
 """
@@ -43,6 +45,7 @@ class Config:
     T: int = 128  # compare: sequence length
     B: int = 8  # compare: sequences per rank
     steps: int = 2  # compare: optimizer steps; the state is measured after the first, the peak over the others
+    settings: str = "ddp,fsdp,fsdp_recompute"  # compare: which of them to run
     setting: str = ""  # internal: the one setting a torchrun worker measures (ddp | fsdp | fsdp_recompute)
 
 
@@ -87,20 +90,29 @@ def worker(cfg):
     settle()
     built = rss() - base
     x, y = torch.randint(0, min(cfg.vocab_size, 50257), (2, cfg.B, cfg.T))
+    saved = {}  # storage: bytes of the tensors autograd keeps for the backward pass (not the weights)
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     for step in range(cfg.steps):
         if step == 1:
             settle()
             state = rss() - base  # weights, gradients (kept until the next zero_grad) and AdamW state
             reset_peak()
+            saved.clear()
         optimizer.zero_grad(set_to_none=True)
-        _, loss = train_model(x, y)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = train_model(x, y)
         loss.backward()
         gpt2.clip_gradients(model, 1.0)
         optimizer.step()
     peak = rss("VmHWM") - base
     estimate = gpt2.estimate_memory(run_cfg, d.world_size, False, "chunked")
     result = {"rank": d.rank, "setting": cfg.setting, "built": built, "state": state, "peak": peak,
-              "activations": peak - state, "estimate": estimate, "loss": loss.item()}
+              "activations": peak - state, "saved": sum(saved.values()), "estimate": estimate, "loss": loss.item()}
     results = [None] * d.world_size
     dist.all_gather_object(results, result)
     if d.is_master:
@@ -115,29 +127,33 @@ def torchrun(args, nproc=2):
 def compare(cfg):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rows = {}
-    for setting in ("ddp", "fsdp", "fsdp_recompute"):
+    for setting in cfg.settings.split(","):
         shape = [f"--{k}={getattr(cfg, k)}" for k in ("n_layer", "n_head", "n_embd", "vocab_size", "T", "B", "steps")]
         args = [os.path.abspath(__file__), f"--setting={setting}", *shape]
         out = subprocess.run(torchrun(args), capture_output=True, text=True, env=env)
         if out.returncode:
             sys.exit(f"{setting} failed:\n{out.stdout}\n{out.stderr}")
         ranks = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-        rows[setting] = {k: max(r[k] for r in ranks) for k in ("built", "state", "peak", "activations")}
+        rows[setting] = {k: max(r[k] for r in ranks) for k in ("built", "state", "peak", "activations", "saved")}
         rows[setting]["estimate"] = ranks[0]["estimate"]
         rows[setting]["loss"] = [r["loss"] for r in ranks]
     n = 12 * cfg.n_layer * cfg.n_embd ** 2 / 1e6
     print(f"{cfg.n_layer} layers, {cfg.n_embd} wide (~{n:.0f}M in the blocks), vocab {cfg.vocab_size}, "
           f"{cfg.B}x{cfg.T} tokens per rank, 2 gloo ranks, float32, chunked loss; GB per rank (the larger rank)")
-    print(f"{'setting':16} {'model+opt':>9} {'+grads,AdamW':>12} {'peak':>7} {'activations':>11} {'estimate':>9}"
-          f" {'est. state':>10} {'est. act.':>9}")
+    print(f"{'setting':16} {'model+opt':>9} {'+grads,AdamW':>12} {'peak':>7} {'peak-state':>10} {'saved':>7} "
+          f"{'estimate':>9} {'est. state':>10} {'est. act.':>9}")
     for setting, r in rows.items():
         e = r["estimate"]
         est_state = e["weights"] + e["gradients"] + e["optimizer"]
-        print(f"{setting:16} {r['built'] / GB:9.2f} {r['state'] / GB:12.2f} {r['peak'] / GB:7.2f} {r['activations'] / GB:11.2f}"
-              f" {e['total'] / GB:9.2f} {est_state / GB:10.2f} {e['activations'] / GB:9.2f}")
-    ddp, fsdp, rec = rows["ddp"], rows["fsdp"], rows["fsdp_recompute"]
-    print(f"FSDP weights+gradients+AdamW per rank / DDP's: {fsdp['state'] / ddp['state']:.2f}x (target <= 0.55x)")
-    print(f"activation memory, FSDP / FSDP + recompute: {fsdp['activations'] / rec['activations']:.2f}x (target >= 3x)")
+        print(f"{setting:16} {r['built'] / GB:9.2f} {r['state'] / GB:12.2f} {r['peak'] / GB:7.2f} {r['activations'] / GB:10.2f}"
+              f" {r['saved'] / GB:7.2f} {e['total'] / GB:9.2f} {est_state / GB:10.2f} {e['activations'] / GB:9.2f}")
+    if "ddp" in rows and "fsdp" in rows:
+        print(f"FSDP weights+gradients+AdamW per rank / DDP's: {rows['fsdp']['state'] / rows['ddp']['state']:.2f}x "
+              f"(target <= 0.55x)")
+    if "fsdp" in rows and "fsdp_recompute" in rows:
+        fsdp, rec = rows["fsdp"], rows["fsdp_recompute"]
+        print(f"activation memory, FSDP / FSDP + recompute: saved for backward {fsdp['saved'] / rec['saved']:.2f}x "
+              f"(target >= 3x); peak - state {fsdp['activations'] / rec['activations']:.2f}x")
     for setting, r in rows.items():
         print(f"{setting}: estimate / measured peak = {r['estimate']['total'] / r['peak']:.2f}; losses {r['loss']}")
 
@@ -177,10 +193,9 @@ def large(cfg):
                 "--sample_every=0", "--checkpoint_every=0", "--compile=0", "--device=cpu", "--fsdp=1"]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         start = time.time()
-        proc = subprocess.Popen(torchrun(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        log = open(os.path.join(tmp, "out.txt"), "w+")
+        proc = subprocess.Popen(torchrun(args), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         peaks = {}  # pid: its peak RSS, for the processes that run gpt2.py (the ranks)
-        lines = []
-        os.set_blocking(proc.stdout.fileno(), False)
         while proc.poll() is None:
             for pid in descendants(proc.pid):
                 try:
@@ -190,10 +205,10 @@ def large(cfg):
                         peaks[pid] = max(peaks.get(pid, 0), rss("VmHWM", pid))
                 except (OSError, StopIteration):
                     pass
-            lines += (proc.stdout.read() or "").splitlines()
             time.sleep(0.2)
-        lines += (proc.stdout.read() or "").splitlines()
-        out = "\n".join(lines)
+        log.seek(0)
+        out = log.read()
+        lines = out.splitlines()
         if proc.returncode:
             sys.exit(f"gpt2.py failed:\n{out}")
     print("\n".join(line for line in lines if line.startswith(("step", "memory per rank", "7"))))
