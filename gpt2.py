@@ -648,9 +648,9 @@ def estimate_memory(cfg, world_size, use_bf16, loss_impl):
     else:
         loss = tokens * C * 4 + V * C * 4 + min(tokens, LOSS_CHUNK_ELEMENTS // V) * V * 4  # dx, dweight, one chunk
     parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards,
-             # FSDP: a unit's gathered weights (in the compute dtype) and gradients (float32), the root's and 2 blocks'
-             # (one computing, the next prefetched); DDP under bf16 autocast: the bf16 weights it caches for the forward
-             "gathered": (act + 4) * (root + 2 * block) if sharded else 2 * n if use_bf16 else 0,
+             # FSDP: whole weights (in the compute dtype), gradients and their reduce-scatter buffer (float32) of the
+             # root and 2 blocks (one computing, the next prefetched); DDP under bf16: autocast's bf16 weight copies
+             "gathered": (act + 8) * (root + 2 * block) if sharded else 2 * n if use_bf16 else 0,
              "loss": loss, "activations_kept": tokens * L * 16 * C * act + loss,
              "activations_recompute": tokens * (L + 16) * C * act + loss}
     parts["activations"] = parts["activations_recompute" if cfg.activation_checkpointing else "activations_kept"]
