@@ -4,6 +4,8 @@ GPT-2 from scratch in one file: the model, the data loader and the training loop
 Reproduce GPT-2 124M on FineWeb-Edu 10B tokens (after `python fineweb.py`):
     python gpt2.py                                          # one GPU, or CPU/MPS
     torchrun --standalone --nproc_per_node=8 gpt2.py        # 8 GPUs on one node
+    torchrun --standalone --nproc_per_node=8 gpt2.py --fsdp=1 --activation_checkpointing=1 --n_layer=48 --n_head=25 --n_embd=1600
+                                                            # GPT-2 1.5B: weights, gradients, AdamW sharded (FSDP2)
 Every setting in `Config` below can be overridden as --name=value:
     python gpt2.py --n_layer=4 --n_embd=256 --max_steps=100 --compile=0
 Continue the newest checkpoint in log_dir (safe to pass always): --init_from=resume
