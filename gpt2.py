@@ -4,6 +4,8 @@ GPT-2 from scratch in one file: the model, the data loader and the training loop
 Reproduce GPT-2 124M on FineWeb-Edu 10B tokens (after `python fineweb.py`):
     python gpt2.py                                          # one GPU, or CPU/MPS
     torchrun --standalone --nproc_per_node=8 gpt2.py        # 8 GPUs on one node
+    torchrun --standalone --nproc_per_node=8 gpt2.py --fsdp=1 --activation_checkpointing=1 --n_layer=48 --n_head=25 --n_embd=1600
+                                                            # GPT-2 1.5B: weights, gradients, AdamW sharded (FSDP2)
 Every setting in `Config` below can be overridden as --name=value:
     python gpt2.py --n_layer=4 --n_embd=256 --max_steps=100 --compile=0
 Continue the newest checkpoint in log_dir (safe to pass always): --init_from=resume
@@ -43,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from cli import (
     ANY,
@@ -97,6 +100,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     compile: bool = True  # torch.compile the model for training and validation
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)
+    activation_checkpointing: bool = False  # keep each block's input only, recompute the rest in backward (~1/3 more compute)
+    loss_impl: str = "auto"  # auto (plain on CUDA, else chunked) | chunked (keeps no logits) | plain (lm_head, F.cross_entropy)
     # evaluation, sampling and checkpoints (every N optimizer steps; 0 disables)
     val_every: int = 250  # validation loss...
     val_tokens: int = 10_485_760  # ...over the first N tokens of the val split, the same for any number of ranks
@@ -155,6 +161,9 @@ RULES = {
     "device": one_of("auto", "cpu", "cuda", "mps"),
     "dtype": one_of("auto", "float32", "bfloat16"),
     "compile": ANY,
+    "fsdp": ANY,
+    "activation_checkpointing": ANY,
+    "loss_impl": one_of("auto", "chunked", "plain"),
     # evaluation, sampling and checkpoints
     "val_every": at_least(0),
     "val_tokens": at_least(1),
@@ -336,8 +345,16 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.recompute = False  # activation_checkpointing: set by the training setup
 
     def forward(self, x, kv_cache=None, attn_mask=None):
+        if self.recompute and torch.is_grad_enabled():
+            # keeps only x for the backward pass, which runs the block again to get what it needs: memory for compute.
+            # Inside the block, so that under FSDP the recomputation runs while the block's weights are gathered
+            return checkpoint(self.layers, x, kv_cache, attn_mask, use_reentrant=False)
+        return self.layers(x, kv_cache, attn_mask)
+
+    def layers(self, x, kv_cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -359,6 +376,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.loss_impl = "chunked"  # or "plain": see forward; the training setup picks it (--loss_impl)
         self.loss_memory = {}  # log_softmax_chunks' buffer, kept from step to step (see there)
         self.apply(self._init_weights)
 
@@ -377,11 +395,16 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """(logits (B, T, vocab_size), None) without targets; last_only: logits (B, 1, vocab_size) of the last
-        position only, all that generation needs. With targets: (None, the mean loss), by LinearCrossEntropy,
-        which never holds the whole (B, T, vocab_size) logits (the vocabulary matmul is the largest one)."""
+        position only, all that generation needs. With targets: (None, the mean loss). loss_impl "plain" computes
+        it from the logits; "chunked" by LinearCrossEntropy, which never holds the whole (B, T, vocab_size) logits
+        (the vocabulary matmul is the largest one): less memory, and faster on a CPU; on a GPU, torch.compile fuses
+        the plain path into fewer passes over memory."""
         x = self.hidden_states(idx, kv_cache=kv_cache)  # (B, T, C)
         if targets is not None:
-            # equals F.cross_entropy(self.lm_head(x).flatten(0, 1).float(), targets.flatten()), the plain computation
+            if self.loss_impl == "plain":
+                logits = self.lm_head(x)  # (B, T, vocab_size)
+                return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            # the same loss as the plain path above, chunk by chunk
             return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                                   self.loss_memory)
         if last_only:
@@ -806,6 +829,15 @@ def make_autocast(dtype, device):
     return autocast, use_bf16
 
 
+def resolve_loss_impl(name, device):
+    """The loss path GPT.forward takes: auto = plain on CUDA (what torch.compile fuses), chunked elsewhere."""
+    if name not in ("auto", "chunked", "plain"):
+        raise UserError(f"--loss_impl={name}: expected auto, chunked or plain")
+    if name == "auto":
+        return "plain" if device.type == "cuda" else "chunked"
+    return name
+
+
 def to_device(batch, device):
     """A batch (x, y) on device; on CUDA through pinned memory, so that the copy runs beside the computation."""
     if device.type == "cuda":
@@ -869,6 +901,47 @@ def check_recipe(cfg):
                             f"(--max_steps={cfg.max_steps}): lower them or raise max_steps")
     if cfg.val_every and cfg.val_tokens < 1:
         raise UserError(f"--val_tokens={cfg.val_tokens}: must be at least 1 (or pass --val_every=0 to skip validation)")
+
+
+def estimate_memory(cfg, world_size, use_bf16, loss_impl):
+    """Bytes per rank that training with cfg needs, from the config alone: a dict of the parts (see the README).
+
+    Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter, split over the ranks
+    under FSDP, which also holds the weights and gradients of a few whole units at a time ("gathered"; the root, with
+    the embeddings, is the largest). Activations are for one micro-batch: each block keeps about 16 numbers per token
+    and channel for its backward pass (counted with torch.autograd.graph.saved_tensors_hooks), in bf16 or float32;
+    with recompute only its input, plus one block's worth while it is recomputed. The loss adds its logits (plain) or
+    one chunk of them and its gradients (chunked). Left out: the CUDA context, allocator slack, NCCL buffers.
+    """
+    V, C, L, T, B = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.micro_batch_size
+    block, root = 12 * C * C + 13 * C, V * C + T * C + 2 * C  # parameters per Block, and outside the Blocks
+    n = L * block + root  # the tied embedding counted once
+    sharded = cfg.fsdp and world_size > 1
+    shards = world_size if sharded else 1
+    act = 2 if use_bf16 else 4  # bytes per activation
+    tokens = B * T
+    if loss_impl == "plain":
+        loss = tokens * V * (act + 4 + 4)  # the logits, in float32, and their log-softmax
+    else:
+        loss = tokens * C * 4 + V * C * 4 + min(tokens, LOSS_CHUNK_ELEMENTS // V) * V * 4  # dx, dweight, one chunk
+    parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards,
+             # FSDP: whole weights (in the compute dtype), gradients and their reduce-scatter buffer (float32) of the
+             # root and 2 blocks (one computing, the next prefetched); DDP under bf16: autocast's bf16 weight copies
+             "gathered": (act + 8) * (root + 2 * block) if sharded else 2 * n if use_bf16 else 0,
+             "loss": loss, "activations_kept": tokens * L * 16 * C * act + loss,
+             "activations_recompute": tokens * (L + 16) * C * act + loss}
+    parts["activations"] = parts["activations_recompute" if cfg.activation_checkpointing else "activations_kept"]
+    parts["total"] = sum(parts[k] for k in ("weights", "gradients", "optimizer", "gathered", "activations"))
+    return parts
+
+
+def describe_memory(parts, recompute):
+    """The estimate as one line, in GB."""
+    gb = lambda key: f"{parts[key] / 1e9:.2f}"
+    other = "activations_kept" if recompute else "activations_recompute"
+    return (f"memory per rank (estimate, GB): weights {gb('weights')} + gradients {gb('gradients')} + AdamW "
+            f"{gb('optimizer')} + gathered/bf16 copies {gb('gathered')} + activations {gb('activations')} per micro-batch "
+            f"({gb(other)} {'without' if recompute else 'with'} activation_checkpointing) = {gb('total')}")
 
 
 def grad_accum_steps(cfg, world_size):
@@ -1009,17 +1082,26 @@ def starting_point(cfg, overridden, d, say):
     return cfg, ckpt, hf_model
 
 
-def build_model(cfg, d, ckpt, hf_model, train_loader, say):
-    """The model on d.device and its optimizer: fresh, a Hugging Face GPT-2's, or a checkpoint's complete state (the
-    optimizer, the loader's position and this rank's random states too). Returns (model, optimizer, start_step)."""
+def build_model(cfg, d, ckpt, hf_model, train_loader, say, use_bf16):
+    """The model on d.device (sharded over the ranks with --fsdp=1) and its optimizer: fresh, a Hugging Face GPT-2's,
+    or a checkpoint's complete state (the optimizer, the loader's position and this rank's random states too).
+    Returns (model, optimizer, start_step)."""
     model = hf_model if hf_model is not None else GPT(model_config(cfg))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-    model.to(d.device)
+        model.load_state_dict(ckpt["model"])  # every rank the whole model, then FSDP keeps its shard of it
+    model.loss_impl = resolve_loss_impl(cfg.loss_impl, d.device)
+    for block in model.transformer.h:
+        block.recompute = cfg.activation_checkpointing
+    if cfg.fsdp and dist.is_initialized():
+        shard_model(model, d, use_bf16)
+    else:
+        if cfg.fsdp:
+            say("fsdp=1 with one process: nothing to shard, training as without it")
+        model.to(d.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type)
     if not ckpt:
         return model, optimizer, 0
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt["optimizer"]))
     train_loader.load_state_dict(ckpt["loader"])
     if ckpt["world_size"] == d.world_size:
         set_rng_state(ckpt["rng"][d.rank])
@@ -1027,6 +1109,38 @@ def build_model(cfg, d, ckpt, hf_model, train_loader, say):
         say(f"checkpoint was written by {ckpt['world_size']} ranks, now {d.world_size}: "
             f"the loader continues at the same token, random states start from the seed")
     return model, optimizer, ckpt["step"]
+
+
+def shard_model(model, d, use_bf16):
+    """FSDP2: each Block is a unit, and the root the rest (embeddings, ln_f and lm_head: the tied weight is one
+    parameter, in one unit). Each rank keeps 1/world_size of every parameter; a unit all-gathers its weights for its
+    forward and backward and frees them after, and its gradients are reduce-scattered into shards. With bf16 on
+    CUDA the gathered weights are bf16 and the gradients are reduced in float32. The shards move to d.device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    bf16 = use_bf16 and d.device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # the root gathers its weights in forward only: HellaSwag's scorer calls hidden_states, then reads lm_head.weight
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def clip_gradients(model, max_norm):
+    """Scales the gradients down to a global norm of max_norm (0: never); returns the norm before, a plain tensor.
+    Under FSDP each rank holds a shard of each gradient and torch sums the squares over the ranks: the same norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
 def write_checkpoint(cfg, d, model, optimizer, train_loader, step, say):
@@ -1037,9 +1151,10 @@ def write_checkpoint(cfg, d, model, optimizer, train_loader, step, say):
         dist.all_gather_object(rng, rng_state())
     else:
         rng = [rng_state()]
+    model_state, optimizer_state = full_state_dicts(model, optimizer, d.is_master)  # every rank takes part under FSDP
     if not d.is_master:
         return
-    state = {"model": clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(), "step": step,
+    state = {"model": clean_state_dict(model_state), "optimizer": optimizer_state, "step": step,
              "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(), "world_size": d.world_size,
              "rng": rng}
     path = checkpoint_path(cfg.log_dir, step)
@@ -1078,6 +1193,17 @@ class RunLog:
             self.wandb.finish()
 
 
+def wrap_model(cfg, raw_model, d):
+    """(model for validation, model for training): torch.compile'd if asked (fixed shapes; sampling and HellaSwag run
+    raw_model), and for training inside DDP when several ranks hold whole copies (not under FSDP, sharded already).
+    DDP's gradients are views into its all-reduce buckets, rather than a second copy of them all."""
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if dist.is_initialized() and not is_sharded(raw_model):
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        return model, nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    return model, model
+
+
 def run_training(cfg, overridden, d):
     """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
 
@@ -1100,19 +1226,16 @@ def run_training(cfg, overridden, d):
     val_loader = open_val_loader(cfg, d, say) if cfg.val_every else None
     hella = load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None
     enc = None
-    if cfg.sample_every and d.is_master:
+    if cfg.sample_every and (d.is_master or cfg.fsdp):  # under FSDP every rank runs the sampling forwards
         enc = get_tokenizer()
-    raw_model, optimizer, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say)
+    raw_model, optimizer, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say, use_bf16)
     del ckpt, hf_model  # the model holds the weights now
-    # training and validation (fixed shapes) run compiled; sampling and HellaSwag use raw_model
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    train_model = model
-    if dist.is_initialized():
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    model, train_model = wrap_model(cfg, raw_model, d)
     run_log = RunLog(cfg, d.is_master, start_step)
     flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
     say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
         f"= {cfg.total_batch_size:,} tokens per step | {device} | {'bfloat16' if use_bf16 else 'float32'}")
+    say(describe_memory(estimate_memory(cfg, d.world_size, use_bf16, raw_model.loss_impl), cfg.activation_checkpointing))
 
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
@@ -1129,7 +1252,7 @@ def run_training(cfg, overridden, d):
         if evaluated:
             run_log.refresh_plot()
         if enc and is_due(cfg.sample_every, step, last):
-            print_samples(raw_model, enc, device, autocast, cfg)
+            print_samples(raw_model, enc, device, autocast, cfg, is_master=d.is_master)
         if last:
             break
 
@@ -1138,7 +1261,7 @@ def run_training(cfg, overridden, d):
         loss_accum = torch.zeros((), device=device)
         for micro_step in range(grad_accum):
             x, y = to_device(train_loader.next_batch(), device)
-            # DDP all-reduces gradients only in the last micro-step's backward
+            # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (README)
             is_last_micro = micro_step == grad_accum - 1
             with nullcontext() if is_last_micro or train_model is model else train_model.no_sync():
                 with autocast():
@@ -1147,7 +1270,7 @@ def run_training(cfg, overridden, d):
                 loss_accum += loss.detach()
                 loss.backward()
         loss_accum = all_reduce_sum(loss_accum) / d.world_size
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = clip_gradients(raw_model, cfg.grad_clip)
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1162,9 +1285,10 @@ def run_training(cfg, overridden, d):
         dt = time.time() - t0
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
+        mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB" if device.type == "cuda" else ""
         if finite:
             run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | "
-                           f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}",
+                           f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}",
                            **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens_per_sec": tokens_per_sec})
         else:
             say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
@@ -1398,9 +1522,12 @@ def score_endings(model, examples, device, autocast=nullcontext, batch_size=16, 
 
 def evaluate_hellaswag(model, examples, device, autocast=nullcontext, rank=0, world_size=1, batch_size=16, progress=False):
     """acc and acc_norm over all examples: rank r scores examples r, r + world_size, ...; the counts
-    are summed over ranks, so any number of ranks gives the numbers of one."""
+    are summed over ranks, so any number of ranks gives the numbers of one. Every rank scores as many examples
+    (a rank with one fewer repeats its first and drops the result), so all run the same forwards, as FSDP needs."""
     mine = examples[rank::world_size]
-    sums, counts = score_endings(model, mine, device, autocast, batch_size, progress)
+    share = -(-len(examples) // world_size)  # ceil
+    sums, counts = score_endings(model, mine + examples[:1] * (share - len(mine)), device, autocast, batch_size, progress)
+    sums, counts = sums[:len(mine)], counts[:len(mine)]
     labels = torch.tensor([ex.label for ex in mine], dtype=torch.long)
     totals = torch.tensor([len(mine),
                            (sums.argmin(1) == labels).sum().item(),  # lowest total loss
@@ -1449,8 +1576,10 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
     return torch.cat(new_tokens, dim=1), torch.cat(logprobs, dim=1)
 
 
-def print_samples(model, enc, device, autocast, cfg):
+def print_samples(model, enc, device, autocast, cfg, is_master=True):
     """Prints cfg.num_samples samples of cfg.prompt, seeded with cfg.seed so they can be compared across steps.
+    Under FSDP every rank calls it (each forward needs them all): the same seed gives each the same tokens, and
+    only is_master prints.
 
     The training loop's periodic samples and --mode=sample both come from here. Returns one
     record per sample: the prompt, the completion's text and token ids, and the mean
@@ -1461,9 +1590,10 @@ def print_samples(model, enc, device, autocast, cfg):
     if room < 1:
         raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's block_size="
                         f"{model.config.block_size}: pass --max_new_tokens={model.config.block_size // 2} or less")
+    say = print if is_master else (lambda *args: None)
     if len(prompt) > room:
-        print(f"warning: the prompt has {len(prompt)} tokens and {cfg.max_new_tokens} new ones must fit in block_size="
-              f"{model.config.block_size}: keeping its last {room} tokens")
+        say(f"warning: the prompt has {len(prompt)} tokens and {cfg.max_new_tokens} new ones must fit in block_size="
+            f"{model.config.block_size}: keeping its last {room} tokens")
         prompt = prompt[-room:]
     if max(prompt) >= model.config.vocab_size:
         raise UserError(f"the prompt has token id {max(prompt)} >= the model's vocab_size={model.config.vocab_size}: this "
@@ -1476,7 +1606,7 @@ def print_samples(model, enc, device, autocast, cfg):
     records = []
     for i, (row, row_logprobs) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
         completion = enc.decode(row)
-        print(f"sample {i}: {prompt_text + completion!r}")  # repr: one line per sample, whatever the text holds
+        say(f"sample {i}: {prompt_text + completion!r}")  # repr: one line per sample, whatever the text holds
         mean_logprob = sum(row_logprobs) / len(row_logprobs)
         records.append({"prompt": prompt_text, "completion": completion, "tokens": row,
                         "mean_logprob": mean_logprob, "perplexity": math.exp(-mean_logprob)})
@@ -1594,6 +1724,48 @@ def holds_code(path, error):
 def clean_state_dict(state_dict):
     """A model state dict without the prefixes torch.compile (_orig_mod.) and DDP (module.) add."""
     return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def full_state_dicts(model, optimizer, is_master):
+    """(model state dict, optimizer state dict) as one process holds them, on rank 0; (None, None) on the others.
+
+    Under FSDP every parameter and AdamW moment is a DTensor holding this rank's shard: all ranks gather each one in
+    turn and only rank 0 keeps it, on the CPU, so its memory holds one full copy of the state and never more. The
+    keys, the parameter numbering and the tensors are those of an unsharded run, which loads the result as it is.
+    """
+    from torch.distributed.tensor import DTensor
+
+    gathered = {}  # by parameter: the tied wte/lm_head weight is gathered and stored once, as without FSDP
+
+    def full(t):
+        if not isinstance(t, DTensor):
+            return t.detach() if is_master and torch.is_tensor(t) else t
+        if id(t) not in gathered:
+            whole = t.full_tensor()
+            gathered[id(t)] = (t, whole.detach().cpu() if is_master else None)  # t kept alive: its id stays unique
+        return gathered[id(t)][1]
+
+    with torch.no_grad():
+        model_state = {k: full(v) for k, v in model.state_dict(keep_vars=True).items()}
+        opt = optimizer.state_dict()
+        opt_state = {i: {k: full(v) for k, v in s.items()} for i, s in opt["state"].items()}
+    if not is_master:
+        return None, None
+    return model_state, {"state": opt_state, "param_groups": opt["param_groups"]}
+
+
+def shard_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state dict made to fit `optimizer`: each tensor shaped like its parameter is cut to
+    the parameter's shard when the parameter is a DTensor (FSDP); otherwise the state dict is returned as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
+        return state
+    shard = lambda v, p: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)  # every rank has v
+    per_param = {i: {k: shard(v, params[i]) if isinstance(params[i], DTensor) and torch.is_tensor(v) and
+                     v.shape == params[i].shape else v for k, v in s.items()} for i, s in state["state"].items()}
+    return {**state, "state": per_param}
 
 
 def rng_state():

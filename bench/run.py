@@ -31,6 +31,9 @@ SUITE = [
      r"speed-up[^\d]*([\d.]+)x", 5),
     ("hellaswag: batched vs 1/forward", ["bench_hellaswag.py", "--n_layer=4", "--n_head=4", "--n_embd=256"],
      r"16 examples per forward\s+[\d.]+ examples/s\s+([\d.]+)x", 4),
+    ("memory: FSDP state / DDP's, target <= 0.55", ["bench_memory.py"],
+     r"FSDP weights\+gradients\+AdamW per rank / DDP's: ([\d.]+)x", None),
+    ("memory: activations kept, recompute 0 / 1", ["bench_memory.py"], r"saved for backward ([\d.]+)x", 3),
     ("gpu: 124M MFU % (ours)", ["bench_gpu.py"], r"ours .*MFU\s+([\d.]+)%", 50),
     ("gpu: ours vs build-nanogpt", ["bench_gpu.py"], r"ours / baseline: ([\d.]+)x", 1.1),
 ]

@@ -79,7 +79,7 @@ def test_every_bad_setting_is_one_line_before_any_work(script, name, argv, tmp_p
 REFUSED = ["--micro_batch_size=0", "--micro_batch_size=-4", "--total_batch_size=0", "--max_steps=0", "--max_steps=-3",
            "--max_lr=0", "--max_lr=-1e-3", "--min_lr=-1e-5", "--seed=-1", "--seed=4294967296", "--beta1=1", "--beta1=-0.1",
            "--beta2=1.5", "--eps=0", "--eps=-1e-8", "--weight_decay=-0.1", "--keep_checkpoints=-1", "--val_every=-1",
-           "--hellaswag_every=-250", "--sample_every=-1", "--checkpoint_every=-1", "--val_steps=0", "--warmup_steps=-1",
+           "--hellaswag_every=-250", "--sample_every=-1", "--checkpoint_every=-1", "--val_tokens=0", "--warmup_steps=-1",
            "--lr_decay_steps=-1", "--grad_clip=-1", "--num_samples=0", "--max_new_tokens=0", "--top_k=0",
            "--temperature=0", "--temperature=-1", "--n_layer=0", "--n_head=-1", "--n_embd=0", "--block_size=0",
            "--vocab_size=0", "--device=gpu", "--dtype=float16", "--mode=eval", "--log_dir=", "--data_dir=",
@@ -181,7 +181,7 @@ def trained(tmp_path_factory):
     write_shards(data_dir, [3000], "val", seed=1)
     write_shards(data_dir, [5000, 777, 4321], "train", seed=2, start_index=1)
     run_gpt2(*TINY, f"--data_dir={data_dir}", f"--log_dir={root / 'log'}", "--max_steps=4", "--checkpoint_every=2",
-             "--val_every=2", "--val_steps=2", "--warmup_steps=2")
+             "--val_every=2", "--val_tokens=64", "--warmup_steps=2")
     return data_dir, root / "log"
 
 

@@ -1,0 +1,258 @@
+"""Memory per rank on 2 gloo ranks of this CPU: DDP vs FSDP vs FSDP + activation checkpointing, and GPT-2 large.
+
+    python bench/bench_memory.py                  # GPT-2 medium's shape (24 layers, 1024 wide), short sequences
+    python bench/bench_memory.py --run=large      # GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks
+    python bench/bench_memory.py --run=table      # the README's table of estimates (GPT-2 sizes x 8 ranks x GPUs)
+
+`compare` starts each setting as its own 2-rank torchrun of this file, which measures its resident memory (RSS,
+what the CPU's "GPU memory" is here) at each phase: after the model and optimizer are built, after the first
+optimizer step (weights + gradients + AdamW state), and the peak over the next steps; peak - state is what a step
+adds (activations, and under FSDP the gathered units). Every figure is above the RSS of the process before the model
+(torch, gloo). `saved` is the activation memory proper: the bytes of the tensors autograd keeps for the backward
+pass (torch.autograd.graph.saved_tensors_hooks, weights left out). `large` runs gpt2.py itself
+and reads each rank's peak RSS from /proc while it trains; DDP is not run at that size (it would not fit two ranks
+in 24 GB) but estimated. gpt2.py's own estimate (estimate_memory, printed at the start of a run) is shown beside.
+"""
+
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from cli import run_cli  # noqa: E402
+
+GB = 1e9
+SIZES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600)}
+
+
+@dataclass
+class Config:
+    run: str = "compare"  # compare | large | table
+    n_layer: int = 24  # compare: the model shape (GPT-2 medium)
+    n_head: int = 16
+    n_embd: int = 1024
+    vocab_size: int = 50304
+    T: int = 128  # compare: sequence length
+    B: int = 8  # compare: sequences per rank
+    steps: int = 2  # compare: optimizer steps; the state is measured after the first, the peak over the others
+    settings: str = "ddp,fsdp,fsdp_recompute"  # compare: which of them to run
+    setting: str = ""  # internal: the one setting a torchrun worker measures (ddp | fsdp | fsdp_recompute)
+
+
+def rss(field="VmRSS", pid="self"):
+    """Resident memory in bytes from /proc: VmRSS now, or VmHWM, the peak since start (or since reset_peak)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def settle():
+    """Gives freed memory back to the system, so that RSS counts only live tensors."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+
+
+def worker(cfg):
+    """One rank of one setting, under torchrun: measures and prints one JSON line per rank."""
+    import torch
+    import torch.distributed as dist
+
+    import gpt2
+
+    d = gpt2.setup_distributed("cpu")
+    torch.set_num_threads(1)
+    settle()
+    base = rss()
+    fsdp, recompute = cfg.setting != "ddp", cfg.setting == "fsdp_recompute"
+    run_cfg = gpt2.Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                          block_size=cfg.T, micro_batch_size=cfg.B, fsdp=fsdp, activation_checkpointing=recompute)
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.model_config(run_cfg))
+    for block in model.transformer.h:
+        block.recompute = recompute
+    if fsdp:
+        gpt2.shard_model(model, d, use_bf16=False)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 1e-8, "cpu")
+    _, train_model = gpt2.wrap_model(run_cfg, model, d)
+    settle()
+    built = rss() - base
+    x, y = torch.randint(0, min(cfg.vocab_size, 50257), (2, cfg.B, cfg.T))
+    saved = {}  # storage: bytes of the tensors autograd keeps for the backward pass (not the weights)
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for step in range(cfg.steps):
+        if step == 1:
+            settle()
+            state = rss() - base  # weights, gradients (kept until the next zero_grad) and AdamW state
+            reset_peak()
+            saved.clear()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = train_model(x, y)
+        loss.backward()
+        gpt2.clip_gradients(model, 1.0)
+        optimizer.step()
+    peak = rss("VmHWM") - base
+    estimate = gpt2.estimate_memory(run_cfg, d.world_size, False, "chunked")
+    result = {"rank": d.rank, "setting": cfg.setting, "built": built, "state": state, "peak": peak,
+              "activations": peak - state, "saved": sum(saved.values()), "estimate": estimate, "loss": loss.item()}
+    results = [None] * d.world_size
+    dist.all_gather_object(results, result)
+    if d.is_master:
+        print("RESULT " + json.dumps(results))
+    gpt2.teardown_distributed()
+
+
+def torchrun(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def compare(cfg):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rows = {}
+    for setting in cfg.settings.split(","):
+        shape = [f"--{k}={getattr(cfg, k)}" for k in ("n_layer", "n_head", "n_embd", "vocab_size", "T", "B", "steps")]
+        args = [os.path.abspath(__file__), f"--setting={setting}", *shape]
+        out = subprocess.run(torchrun(args), capture_output=True, text=True, env=env)
+        if out.returncode:
+            sys.exit(f"{setting} failed:\n{out.stdout}\n{out.stderr}")
+        ranks = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        rows[setting] = {k: max(r[k] for r in ranks) for k in ("built", "state", "peak", "activations", "saved")}
+        rows[setting]["estimate"] = ranks[0]["estimate"]
+        rows[setting]["loss"] = [r["loss"] for r in ranks]
+    n = 12 * cfg.n_layer * cfg.n_embd ** 2 / 1e6
+    print(f"{cfg.n_layer} layers, {cfg.n_embd} wide (~{n:.0f}M in the blocks), vocab {cfg.vocab_size}, "
+          f"{cfg.B}x{cfg.T} tokens per rank, 2 gloo ranks, float32, chunked loss; GB per rank (the larger rank)")
+    print(f"{'setting':16} {'model+opt':>9} {'+grads,AdamW':>12} {'peak':>7} {'peak-state':>10} {'saved':>7} "
+          f"{'estimate':>9} {'est. state':>10} {'est. act.':>9}")
+    for setting, r in rows.items():
+        e = r["estimate"]
+        est_state = e["weights"] + e["gradients"] + e["optimizer"]
+        print(f"{setting:16} {r['built'] / GB:9.2f} {r['state'] / GB:12.2f} {r['peak'] / GB:7.2f} {r['activations'] / GB:10.2f}"
+              f" {r['saved'] / GB:7.2f} {e['total'] / GB:9.2f} {est_state / GB:10.2f} {e['activations'] / GB:9.2f}")
+    if "ddp" in rows and "fsdp" in rows:
+        print(f"FSDP weights+gradients+AdamW per rank / DDP's: {rows['fsdp']['state'] / rows['ddp']['state']:.2f}x "
+              f"(target <= 0.55x)")
+    if "fsdp" in rows and "fsdp_recompute" in rows:
+        fsdp, rec = rows["fsdp"], rows["fsdp_recompute"]
+        print(f"activation memory, FSDP / FSDP + recompute: saved for backward {fsdp['saved'] / rec['saved']:.2f}x "
+              f"(target >= 3x); peak - state {fsdp['activations'] / rec['activations']:.2f}x")
+    for setting, r in rows.items():
+        print(f"{setting}: estimate / measured peak = {r['estimate']['total'] / r['peak']:.2f}; losses {r['loss']}")
+
+
+def descendants(pid):
+    """The ids of pid's child processes, and theirs, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def large(cfg):
+    """GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks; each rank's peak RSS read from /proc."""
+    import gpt2
+
+    n_layer, n_head, n_embd = SIZES["774M"]
+    T, B = 64, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for split, size in (("val", 10000), ("train", 100000)):
+            np.save(os.path.join(tmp, f"bench_{split}_000000.npy"), rng.integers(0, 50257, size, dtype=np.uint16))
+        args = [os.path.join(ROOT, "gpt2.py"), f"--data_dir={tmp}", f"--log_dir={tmp}/log", f"--n_layer={n_layer}",
+                f"--n_head={n_head}", f"--n_embd={n_embd}", f"--block_size={T}", f"--micro_batch_size={B}",
+                f"--total_batch_size={2 * B * T}", "--max_steps=3", "--val_every=0", "--hellaswag_every=0",
+                "--sample_every=0", "--checkpoint_every=0", "--compile=0", "--device=cpu", "--fsdp=1"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        start = time.time()
+        log = open(os.path.join(tmp, "out.txt"), "w+")
+        proc = subprocess.Popen(torchrun(args), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        peaks = {}  # pid: its peak RSS, for the processes that run gpt2.py (the ranks)
+        while proc.poll() is None:
+            for pid in descendants(proc.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline") as f:
+                        cmdline = f.read()
+                    if "gpt2.py" in cmdline and "torch.distributed.run" not in cmdline:  # a rank, not torchrun
+                        peaks[pid] = max(peaks.get(pid, 0), rss("VmHWM", pid))
+                except (OSError, StopIteration):
+                    pass
+            time.sleep(0.2)
+        log.seek(0)
+        out = log.read()
+        lines = out.splitlines()
+        if proc.returncode:
+            sys.exit(f"gpt2.py failed:\n{out}")
+    print("\n".join(line for line in lines if line.startswith(("step", "memory per rank", "7"))))
+    estimate = float(re.search(r"memory per rank \(estimate, GB\).*= ([\d.]+)", out).group(1))
+    run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T, micro_batch_size=B)
+    ddp = gpt2.estimate_memory(run_cfg, 2, False, "chunked")["total"] / GB
+    measured = max(peaks.values()) / GB
+    print(f"GPT-2 large (774M), {B}x{T} tokens per rank, 2 gloo ranks with --fsdp=1, 3 steps in {time.time() - start:.0f} s")
+    print(f"peak RSS per rank: {', '.join(f'{p / GB:.2f}' for p in peaks.values())} GB; gpt2.py's estimate {estimate:.2f} GB "
+          f"(estimate / measured = {estimate / measured:.2f}); DDP would need {ddp:.2f} GB per rank (estimate), "
+          f"{2 * ddp:.1f} GB for the two")
+
+
+def table(cfg):
+    """Per size and mode, the largest micro batch (T=1024, bf16, loss_impl auto = plain on CUDA) that fits each GPU."""
+    import gpt2
+
+    print("| model | mode (8 ranks) | weights, grads, AdamW, gathered | activations per sequence | 24 GB | 40 GB | 80 GB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (n_layer, n_head, n_embd) in SIZES.items():
+        for mode, fsdp, recompute in (("DDP", False, False), ("FSDP", True, False), ("FSDP + recompute", True, True)):
+            run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, fsdp=fsdp,
+                                  activation_checkpointing=recompute)
+            fits = []
+            for budget in (24, 40, 80):
+                best = 0
+                for b in range(1, 257):
+                    if gpt2.estimate_memory(replace(run_cfg, micro_batch_size=b), 8, True, "plain")["total"] > budget * GB:
+                        break
+                    best = b
+                fits.append(str(best) if best else "-")
+            one = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=1), 8, True, "plain")
+            state = one["weights"] + one["gradients"] + one["optimizer"] + one["gathered"]
+            print(f"| {name} | {mode} | {state / GB:.1f} GB | {one['activations'] / GB:.2f} GB | {' | '.join(fits)} |")
+
+
+def main(cfg, _):
+    if cfg.setting:
+        return worker(cfg)
+    from machine import describe
+
+    print(describe())
+    {"compare": compare, "large": large, "table": table}[cfg.run](cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main, Config(), sys.argv[1:])
