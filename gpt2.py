@@ -222,8 +222,9 @@ RELATIONS = [  # between settings; the checks that need the world size, the mach
              {"mode": "export", "export_dir": ""}),
     Relation(("warmdown_steps", "warmup_steps", "max_steps", "lr_schedule"),
              lambda c: c.lr_schedule != "wsd" or c.warmup_steps + (c.warmdown_steps or c.max_steps // 5) <= c.max_steps,
-             lambda c: f"--warmdown_steps={c.warmdown_steps or c.max_steps // 5} after --warmup_steps={c.warmup_steps} is "
-                       f"longer than the run (--max_steps={c.max_steps}): lower them or raise max_steps",
+             lambda c: (f"--warmdown_steps={c.warmdown_steps}" if c.warmdown_steps else
+                        f"the warmdown ({c.max_steps // 5} steps, 20% of max_steps)") + f" and --warmup_steps="
+                       f"{c.warmup_steps} are longer than the run (--max_steps={c.max_steps}): lower them or raise max_steps",
              {"lr_schedule": "wsd", "warmdown_steps": 100, "warmup_steps": 10, "max_steps": 50}),
 ]
 
