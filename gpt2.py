@@ -885,25 +885,6 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def check_recipe(cfg):
-    """One-line errors for schedule and validation settings that cannot work together, before any work is done."""
-    if cfg.lr_schedule not in ("cosine", "wsd"):
-        raise UserError(f"--lr_schedule={cfg.lr_schedule}: expected cosine or wsd")
-    if cfg.min_lr > cfg.max_lr:
-        raise UserError(f"--min_lr={cfg.min_lr} is above --max_lr={cfg.max_lr}: the schedule decays from max_lr to "
-                        f"min_lr; pass a min_lr of at most max_lr (10% of it is usual)")
-    if cfg.lr_schedule == "wsd":
-        if cfg.warmdown_steps < 0:
-            raise UserError(f"--warmdown_steps={cfg.warmdown_steps}: must be at least 0 (0 = the last 20% of max_steps)")
-        warmdown = cfg.warmdown_steps or cfg.max_steps // 5
-        if cfg.warmup_steps + warmdown > cfg.max_steps:
-            named = f"--warmdown_steps={warmdown}" if cfg.warmdown_steps else f"the warmdown ({warmdown} steps, 20% of max_steps)"
-            raise UserError(f"{named} and --warmup_steps={cfg.warmup_steps} are longer than the run "
-                            f"(--max_steps={cfg.max_steps}): lower them or raise max_steps")
-    if cfg.val_every and cfg.val_tokens < 1:
-        raise UserError(f"--val_tokens={cfg.val_tokens}: must be at least 1 (or pass --val_every=0 to skip validation)")
-
-
 def estimate_memory(cfg, world_size, use_bf16, loss_impl):
     """Bytes per rank that training with cfg needs, from the config alone: a dict of the parts (see the README).
 
@@ -1214,7 +1195,6 @@ def run_training(cfg, overridden, d):
     """
     say = print if d.is_master else (lambda *args, **kwargs: None)
     cfg, ckpt, hf_model = starting_point(cfg, overridden, d, say)
-    check_recipe(cfg)
     say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

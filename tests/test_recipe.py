@@ -196,8 +196,8 @@ def test_bad_recipe_settings_are_one_line_errors(shards, tmp_path):
            ({"val_tokens": 0}, "--val_tokens=0: must be at least 1")]
     for settings, message in bad:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            gpt2.check_recipe(Config(**settings))
-    gpt2.check_recipe(Config(lr_schedule="wsd", warmdown_steps=18358))  # 715 + 18358 = 19073: fits exactly
+            gpt2.check_config(Config(**settings))
+    gpt2.check_config(Config(lr_schedule="wsd", warmdown_steps=18358))  # 715 + 18358 = 19073: fits exactly
     log_dir = tmp_path / "log"
     proc = run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--lr_schedule=wsd", "--max_steps=10",
                     "--warmup_steps=5", "--warmdown_steps=6", check=False)
