@@ -221,6 +221,17 @@ def missing_column(column, columns, where):
     return f"no column {column!r} in {where}: its columns are {', '.join(columns)}; pick one with --text_column=NAME"
 
 
+def check_text_type(column, schema, where):
+    """Stops with one line unless `column` of the arrow schema holds strings (or nulls only)."""
+    import pyarrow as pa
+
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise UserError(f"column {column!r} in {where} holds {kind}, not text: pick the column of strings with "
+                        f"--text_column=NAME")
+
+
 def one_line(e):
     lines = [s for s in str(e).strip().splitlines() if s.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
@@ -266,8 +277,10 @@ def parquet_footers(paths, column, label, debug):
             if debug:
                 raise
             raise UserError(f"cannot read {path}: {one_line(e)}: is it a parquet file?") from e
-        if column not in meta.schema.names:
-            raise UserError(missing_column(column, meta.schema.names, path))
+        schema = meta.schema.to_arrow_schema()  # the top-level columns (meta.schema.names are the leaves)
+        if column not in schema.names:
+            raise UserError(missing_column(column, schema.names, path))
+        check_text_type(column, schema, path)
         rows, sizes = [], []
         for g in range(meta.num_row_groups):
             rg = meta.row_group(g)
@@ -325,6 +338,7 @@ def read_batches(ds, source, batch_docs, start_row, max_rows, debug):
             table = table.slice(0, max_rows - row)
         if column not in table.column_names:
             raise UserError(missing_column(column, table.column_names, label))
+        check_text_type(column, table.schema, label)
         texts = table.column(column).combine_chunks()
         yield TextUnit(texts, row, len(table), texts.nbytes)
         row += len(table)
@@ -923,8 +937,10 @@ def main(cfg, overridden=()):
             raise UserError(f"no documents in {source_label(source)}: all {rows_read:,} rows have an empty "
                             f"{source['text_column']!r}; is --text_column right?")
         totals = writer.finish(rows_read)
-    except KeyboardInterrupt:
-        bar.close()
+    except BaseException as e:
+        bar.close()  # ends the bar's line: what is printed next (the error, or the note below) starts on its own
+        if not isinstance(e, KeyboardInterrupt):
+            raise
         stream.close()
         writer.close()
         print(f"\ninterrupted: the {len(manifest['shards'])} shards in {cfg.out_dir}/ are safe; "

@@ -20,6 +20,7 @@ and the command line. hellaswag.py is the command line for HellaSwag alone; it i
 """
 
 import dataclasses
+import datetime
 import glob
 import http.client
 import io
@@ -98,11 +99,12 @@ class Config:
     seed: int = 1337  # model init, sampling and the shuffled order
     # system
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    dtype: str = "auto"  # auto (CUDA: bfloat16, or float16 on GPUs without it; else float32) | float32 | bfloat16 | float16
     compile: bool = True  # torch.compile the model for training and validation
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)
     activation_checkpointing: bool = False  # keep each block's input only, recompute the rest in backward (~1/3 more compute)
     loss_impl: str = "auto"  # auto (plain on CUDA, else chunked) | chunked (keeps no logits) | plain (lm_head, F.cross_entropy)
+    dist_timeout_min: int = 60  # how long a rank waits in a collective (as for rank 0 writing a 1.5B checkpoint) before it fails
     # evaluation, sampling and checkpoints (every N optimizer steps; 0 disables)
     val_every: int = 250  # validation loss...
     val_tokens: int = 10_485_760  # ...over the first N tokens of the val split, the same for any number of ranks
@@ -159,11 +161,12 @@ RULES = {
     "seed": between(0, 2**32, 1337),  # numpy's seeds are 32-bit
     # system
     "device": one_of("auto", "cpu", "cuda", "mps"),
-    "dtype": one_of("auto", "float32", "bfloat16"),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "compile": ANY,
     "fsdp": ANY,
     "activation_checkpointing": ANY,
     "loss_impl": one_of("auto", "chunked", "plain"),
+    "dist_timeout_min": at_least(1),
     # evaluation, sampling and checkpoints
     "val_every": at_least(0),
     "val_tokens": at_least(1),
@@ -220,6 +223,10 @@ RELATIONS = [  # between settings; the checks that need the world size, the mach
     Relation(("export_dir", "mode"), lambda c: c.export_dir or c.mode != "export",
              lambda c: "--mode=export needs --export_dir=DIR, the directory to write the Hugging Face model to",
              {"mode": "export", "export_dir": ""}),
+    Relation(("dtype", "fsdp"), lambda c: c.dtype != "float16" or not c.fsdp,
+             lambda c: "--dtype=float16 with --fsdp=1: float16 needs a GradScaler, and its overflow check would see only "
+                       "this rank's shard of the gradients; use --dtype=bfloat16 or float32 with FSDP, or DDP (--fsdp=0)",
+             {"dtype": "float16", "fsdp": True}),
     Relation(("warmdown_steps", "warmup_steps", "max_steps", "lr_schedule"),
              lambda c: c.lr_schedule != "wsd" or c.warmup_steps + (c.warmdown_steps or c.max_steps // 5) <= c.max_steps,
              lambda c: (f"--warmdown_steps={c.warmdown_steps}" if c.warmdown_steps else
@@ -347,13 +354,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
         self.recompute = False  # activation_checkpointing: set by the training setup
+        self.compiled = None  # torch.compile(self.layers), under FSDP with --compile=1: set by shard_model
 
     def forward(self, x, kv_cache=None, attn_mask=None):
+        # the compiled layers take the fixed shapes of training and validation; generation and HellaSwag run eager
+        layers = self.compiled if self.compiled is not None and kv_cache is None and attn_mask is None else self.layers
         if self.recompute and torch.is_grad_enabled():
             # keeps only x for the backward pass, which runs the block again to get what it needs: memory for compute.
             # Inside the block, so that under FSDP the recomputation runs while the block's weights are gathered
-            return checkpoint(self.layers, x, kv_cache, attn_mask, use_reentrant=False)
-        return self.layers(x, kv_cache, attn_mask)
+            return checkpoint(layers, x, kv_cache, attn_mask, use_reentrant=False)
+        return layers(x, kv_cache, attn_mask)
 
     def layers(self, x, kv_cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
@@ -787,8 +797,9 @@ def resolve_device(name, local_rank=0):
     return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
-def setup_distributed(device_name):
-    """Reads torchrun's environment (if any), joins the process group and picks this rank's device."""
+def setup_distributed(device_name, timeout_min=60):
+    """Reads torchrun's environment (if any), joins the process group and picks this rank's device. A collective that
+    waits longer than timeout_min minutes fails (NCCL's watchdog, gloo's timeout) rather than hang."""
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, resolve_device(device_name))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -800,7 +811,7 @@ def setup_distributed(device_name):
     store, _, _ = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=datetime.timedelta(minutes=timeout_min))
     return Dist(rank, local_rank, world_size, device)
 
 
@@ -815,19 +826,38 @@ def all_reduce_sum(t):
     return t
 
 
-def make_autocast(dtype, device):
-    """(a function returning the autocast context for --dtype, whether it is bfloat16); auto = bfloat16 on CUDA only."""
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"--dtype={dtype}: expected auto, float32 or bfloat16")
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name, device):
+    """The compute dtype for --dtype: auto = bfloat16 on a CUDA GPU that has it natively, float16 (with a GradScaler)
+    on one that does not (T4, V100), float32 elsewhere."""
+    if name not in ("auto", *DTYPES):
+        raise UserError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def make_autocast(dtype, device, fsdp_casts=False):
+    """(a function returning the context forward passes run in, the compute dtype as torch.dtype) for --dtype.
+
+    Autocast runs matmuls in bfloat16/float16 and keeps float32 weights and residual stream. Under FSDP with a
+    16-bit dtype (fsdp_casts) the MixedPrecisionPolicy casts the gathered weights and each unit's inputs instead, as
+    torchtitan does, and autocast stays off: the residual stream is then 16-bit, so bf16 FSDP and bf16 DDP differ
+    numerically (README)."""
+    dtype = resolve_dtype(dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
         torch.backends.cudnn.allow_tf32 = True
+    enabled = dtype != torch.float32 and not fsdp_casts
 
     def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
-    return autocast, use_bf16
+    return autocast, dtype
 
 
 def resolve_loss_impl(name, device):
@@ -854,16 +884,35 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-# dense bf16 tensor-core peak FLOP/s, for MFU; the first name found in the device name wins
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
+# dense 16-bit (bf16, or fp16 where a GPU has no bf16) tensor-core peak FLOP/s from NVIDIA's data sheets, for MFU.
+# Keyed by the exact name torch.cuda.get_device_name gives: "NVIDIA L40" is not an L4, nor "H100 NVL" an SXM card
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "Tesla V100-SXM2-16GB": 125e12,  # float16
+    "Tesla V100-SXM2-32GB": 125e12,
+    "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla V100-PCIE-32GB": 112e12,
+    "Tesla T4": 65e12,
+}
 
 
 def peak_flops(device):
+    """The GPU's peak from PEAK_FLOPS, or None (MFU is then shown as "-") for a CPU or a GPU not in the table."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device))
 
 
 def get_lr(step, cfg):
@@ -885,22 +934,25 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def estimate_memory(cfg, world_size, use_bf16, loss_impl):
-    """Bytes per rank that training with cfg needs, from the config alone: a dict of the parts (see the README).
+def estimate_memory(cfg, world_size, dtype, loss_impl):
+    """Bytes per rank that training with cfg in compute dtype `dtype` (a torch.dtype) needs, from the config alone:
+    a dict of the parts (see the README).
 
     Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter, split over the ranks
     under FSDP, which also holds the weights and gradients of a few whole units at a time ("gathered"; the root, with
     the embeddings, is the largest). Activations are for one micro-batch: each block keeps about 16 numbers per token
-    and channel for its backward pass (counted with torch.autograd.graph.saved_tensors_hooks), in bf16 or float32;
-    with recompute only its input, plus one block's worth while it is recomputed. The loss adds its logits (plain) or
-    one chunk of them and its gradients (chunked). Left out: the CUDA context, allocator slack, NCCL buffers.
+    and channel for its backward pass (counted with torch.autograd.graph.saved_tensors_hooks), in the compute dtype;
+    with recompute only its input, the residual stream (float32 under autocast, 16-bit where FSDP's mixed precision
+    casts it; ln_f keeps one more), plus one block's worth while it is recomputed. The loss adds its logits (plain)
+    or one chunk of them and its gradients (chunked). Left out: the CUDA context, allocator slack, NCCL buffers.
     """
     V, C, L, T, B = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.micro_batch_size
     block, root = 12 * C * C + 13 * C, V * C + T * C + 2 * C  # parameters per Block, and outside the Blocks
     n = L * block + root  # the tied embedding counted once
     sharded = cfg.fsdp and world_size > 1
     shards = world_size if sharded else 1
-    act = 2 if use_bf16 else 4  # bytes per activation
+    act = dtype.itemsize  # bytes per activation
+    residual = act if sharded else 4  # a block's input: FSDP casts it, autocast leaves it float32
     tokens = B * T
     if loss_impl == "plain":
         loss = tokens * V * (act + 4 + 4)  # the logits, in float32, and their log-softmax
@@ -908,10 +960,10 @@ def estimate_memory(cfg, world_size, use_bf16, loss_impl):
         loss = tokens * C * 4 + V * C * 4 + min(tokens, LOSS_CHUNK_ELEMENTS // V) * V * 4  # dx, dweight, one chunk
     parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards,
              # FSDP: whole weights (in the compute dtype), gradients and their reduce-scatter buffer (float32) of the
-             # root and 2 blocks (one computing, the next prefetched); DDP under bf16: autocast's bf16 weight copies
-             "gathered": (act + 8) * (root + 2 * block) if sharded else 2 * n if use_bf16 else 0,
+             # root and 2 blocks (one computing, the next prefetched); DDP under autocast: its 16-bit weight copies
+             "gathered": (act + 8) * (root + 2 * block) if sharded else act * n if act < 4 else 0,
              "loss": loss, "activations_kept": tokens * L * 16 * C * act + loss,
-             "activations_recompute": tokens * (L + 16) * C * act + loss}
+             "activations_recompute": tokens * C * ((L + 1) * residual + 16 * act) + loss}  # +1: ln_f's input
     parts["activations"] = parts["activations_recompute" if cfg.activation_checkpointing else "activations_kept"]
     parts["total"] = sum(parts[k] for k in ("weights", "gradients", "optimizer", "gathered", "activations"))
     return parts
@@ -940,7 +992,8 @@ def is_due(every, step, last):
     return every > 0 and (step % every == 0 or last)
 
 
-LOCAL_KEYS = ("data_dir", "log_dir", "init_from", "device", "debug")  # where and how to run, never taken from a checkpoint
+# where and how to run, never taken from a checkpoint
+LOCAL_KEYS = ("data_dir", "log_dir", "init_from", "device", "dist_timeout_min", "debug")
 
 
 def resume_config(cfg, overridden, saved, path):
@@ -1021,7 +1074,7 @@ def start_wandb(cfg):
 
 def train(cfg, overridden):
     """--mode=train: joins torchrun's process group (if any), trains, and leaves the group however training ends."""
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device, cfg.dist_timeout_min)
     try:
         run_training(cfg, overridden, d)
     finally:
@@ -1064,47 +1117,66 @@ def starting_point(cfg, overridden, d, say):
     return cfg, ckpt, hf_model
 
 
-def build_model(cfg, d, ckpt, hf_model, train_loader, say, use_bf16):
-    """The model on d.device (sharded over the ranks with --fsdp=1) and its optimizer: fresh, a Hugging Face GPT-2's,
-    or a checkpoint's complete state (the optimizer, the loader's position and this rank's random states too).
-    Returns (model, optimizer, start_step)."""
-    model = hf_model if hf_model is not None else GPT(model_config(cfg))
-    if ckpt:
-        model.load_state_dict(ckpt["model"])  # every rank the whole model, then FSDP keeps its shard of it
+def build_model(cfg, d, ckpt, hf_model, train_loader, say, dtype):
+    """The model on d.device (sharded over the ranks with --fsdp=1), its optimizer and its GradScaler (float16 only):
+    fresh, a Hugging Face GPT-2's, or a checkpoint's complete state (the optimizer, the scaler, the loader's position
+    and this rank's random states too). Returns (model, optimizer, scaler, start_step)."""
+    sharded = cfg.fsdp and dist.is_initialized()
+    if ckpt and sharded:
+        # no whole model in this rank's memory: its shape on the meta device, then the checkpoint's tensors (mapped from
+        # the file, see load_checkpoint) put in as they are; sharding copies out only this rank's slice of each
+        with torch.device("meta"):
+            model = GPT(model_config(cfg))
+        model.load_state_dict(ckpt["model"], assign=True)
+        model.transformer.wte.weight = model.lm_head.weight  # assign made the tied weight two parameters again
+    else:
+        model = hf_model if hf_model is not None else GPT(model_config(cfg))
+        if ckpt:
+            model.load_state_dict(ckpt["model"])
     model.loss_impl = resolve_loss_impl(cfg.loss_impl, d.device)
     for block in model.transformer.h:
         block.recompute = cfg.activation_checkpointing
-    if cfg.fsdp and dist.is_initialized():
-        shard_model(model, d, use_bf16)
+    if sharded:
+        shard_model(model, d, dtype, compile_blocks=cfg.compile)
     else:
         if cfg.fsdp:
             say("fsdp=1 with one process: nothing to shard, training as without it")
         model.to(d.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type)
+    # float16's narrow range: the loss is scaled up before backward and the gradients down before the step, and a
+    # step whose gradients overflowed is skipped while the scale comes down (bfloat16 has float32's range: no need)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     if not ckpt:
-        return model, optimizer, 0
-    optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt["optimizer"]))
+        return model, optimizer, scaler, 0
+    optimizer.load_state_dict(optimizer_state_for(optimizer, ckpt["optimizer"]))
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
     if ckpt["world_size"] == d.world_size:
-        set_rng_state(ckpt["rng"][d.rank])
+        set_rng_state(ckpt["rng"][d.rank], d.device)
     else:
         say(f"checkpoint was written by {ckpt['world_size']} ranks, now {d.world_size}: "
             f"the loader continues at the same token, random states start from the seed")
-    return model, optimizer, ckpt["step"]
+    return model, optimizer, scaler, ckpt["step"]
 
 
-def shard_model(model, d, use_bf16):
+def shard_model(model, d, dtype=torch.float32, compile_blocks=False):
     """FSDP2: each Block is a unit, and the root the rest (embeddings, ln_f and lm_head: the tied weight is one
     parameter, in one unit). Each rank keeps 1/world_size of every parameter; a unit all-gathers its weights for its
-    forward and backward and frees them after, and its gradients are reduce-scattered into shards. With bf16 on
-    CUDA the gathered weights are bf16 and the gradients are reduced in float32. The shards move to d.device."""
+    forward and backward and frees them after, and its gradients are reduce-scattered into shards. With a 16-bit dtype
+    the gathered weights and each unit's inputs are cast to it and the gradients reduced in float32 (make_autocast
+    then leaves autocast off). compile_blocks: each block's layers are compiled before sharding, as torchtitan does, so
+    that FSDP's hooks stay outside the graphs (compiling the root would break its graph at every hook). The shards
+    move to d.device."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
-    bf16 = use_bf16 and d.device.type == "cuda"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else \
+        MixedPrecisionPolicy()
     for block in model.transformer.h:
+        if compile_blocks:
+            block.compiled = torch.compile(block.layers)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # the root gathers its weights in forward only: HellaSwag's scorer calls hidden_states, then reads lm_head.weight
@@ -1125,24 +1197,39 @@ def clip_gradients(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
-def write_checkpoint(cfg, d, model, optimizer, train_loader, step, say):
+def write_checkpoint(cfg, d, model, optimizer, scaler, train_loader, step, say):
     """log_dir/model_SSSSS.pt: the state after `step` optimizer steps. Every rank hands in its random states and rank 0
-    writes; then only the newest keep_checkpoints are kept."""
+    writes; the others wait for the write to finish (up to --dist_timeout_min) and stop with rank 0 if it failed. Then
+    only the newest keep_checkpoints are kept."""
     rng = [None] * d.world_size
     if dist.is_initialized():
-        dist.all_gather_object(rng, rng_state())
+        dist.all_gather_object(rng, rng_state(d.device))
     else:
-        rng = [rng_state()]
+        rng = [rng_state(d.device)]
     model_state, optimizer_state = full_state_dicts(model, optimizer, d.is_master)  # every rank takes part under FSDP
-    if not d.is_master:
-        return
-    state = {"model": clean_state_dict(model_state), "optimizer": optimizer_state, "step": step,
-             "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(), "world_size": d.world_size,
-             "rng": rng}
-    path = checkpoint_path(cfg.log_dir, step)
-    save_checkpoint(path, state)
-    say(f"saved {path}")
-    if cfg.keep_checkpoints:
+    error = None
+    if d.is_master:
+        state = {"model": clean_state_dict(model_state), "optimizer": optimizer_state, "scaler": scaler.state_dict(),
+                 "step": step, "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(),
+                 "world_size": d.world_size, "rng": rng}
+        del model_state, optimizer_state
+        path = checkpoint_path(cfg.log_dir, step)
+        try:
+            save_checkpoint(path, state)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError after the OSError
+            cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else e
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+            error = (f"cannot write checkpoint {path} ({reason}): free space in {cfg.log_dir}/ or pass another "
+                     f"--log_dir; the checkpoints already there are intact, so --init_from=resume continues from the newest")
+        del state
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # every rank waits here for rank 0's write
+        error = box[0]
+    if error:
+        raise UserError(error)
+    say(f"saved {checkpoint_path(cfg.log_dir, step)}")
+    if d.is_master and cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
             os.remove(old)
 
@@ -1177,10 +1264,12 @@ class RunLog:
 
 def wrap_model(cfg, raw_model, d):
     """(model for validation, model for training): torch.compile'd if asked (fixed shapes; sampling and HellaSwag run
-    raw_model), and for training inside DDP when several ranks hold whole copies (not under FSDP, sharded already).
+    raw_model; under FSDP shard_model compiled each block instead), and for training inside DDP when several ranks hold
+    whole copies (not under FSDP, sharded already).
     DDP's gradients are views into its all-reduce buckets, rather than a second copy of them all."""
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if dist.is_initialized() and not is_sharded(raw_model):
+    sharded = is_sharded(raw_model)
+    model = torch.compile(raw_model) if cfg.compile and not sharded else raw_model  # FSDP: its blocks are compiled
+    if dist.is_initialized() and not sharded:
         device_ids = [d.local_rank] if d.device.type == "cuda" else None
         return model, nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
     return model, model
@@ -1200,7 +1289,11 @@ def run_training(cfg, overridden, d):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = d.device
-    autocast, use_bf16 = make_autocast(cfg.dtype, device)
+    sharded = cfg.fsdp and dist.is_initialized()
+    autocast, dtype = make_autocast(cfg.dtype, device, fsdp_casts=sharded)
+    if dtype == torch.float16 and sharded:
+        raise UserError("--dtype=auto picked float16 (this GPU has no native bfloat16), which FSDP cannot train with: its "
+                        "GradScaler would check only this rank's shard for overflows; pass --dtype=float32 or --fsdp=0")
     B, T = cfg.micro_batch_size, cfg.block_size
     grad_accum = grad_accum_steps(cfg, d.world_size)
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
@@ -1209,14 +1302,16 @@ def run_training(cfg, overridden, d):
     enc = None
     if cfg.sample_every and (d.is_master or cfg.fsdp):  # under FSDP every rank runs the sampling forwards
         enc = get_tokenizer()
-    raw_model, optimizer, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say, use_bf16)
+    raw_model, optimizer, scaler, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say, dtype)
     del ckpt, hf_model  # the model holds the weights now
     model, train_model = wrap_model(cfg, raw_model, d)
     run_log = RunLog(cfg, d.is_master, start_step)
     flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
     say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
-        f"= {cfg.total_batch_size:,} tokens per step | {device} | {'bfloat16' if use_bf16 else 'float32'}")
-    say(describe_memory(estimate_memory(cfg, d.world_size, use_bf16, raw_model.loss_impl), cfg.activation_checkpointing))
+        f"= {cfg.total_batch_size:,} tokens per step | {device} | {str(dtype).removeprefix('torch.')}"
+        f"{' (FSDP mixed precision)' if sharded and dtype != torch.float32 else ''}"
+        f"{' with a GradScaler' if scaler.is_enabled() else ''}")
+    say(describe_memory(estimate_memory(cfg, d.world_size, dtype, raw_model.loss_impl), cfg.activation_checkpointing))
 
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
@@ -1249,32 +1344,38 @@ def run_training(cfg, overridden, d):
                     _, loss = train_model(x, y)
                 loss = loss / grad_accum  # the gradient of the mean over the whole batch
                 loss_accum += loss.detach()
-                loss.backward()
+                scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay above its range's end
         loss_accum = all_reduce_sum(loss_accum) / d.world_size
+        scaler.unscale_(optimizer)  # the true gradients again, for the norm and the clip
         norm = clip_gradients(raw_model, cfg.grad_clip)
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if finite:
-            optimizer.step()
+        # float16 gradients that overflowed the scale: the scaler skips this step and halves the scale (not a failure)
+        overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
+        if finite or overflow:
+            scaler.step(optimizer)  # optimizer.step(), unless the gradients overflowed
         elif not cfg.skip_nonfinite:
             raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
                             f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
+        scaler.update()
         synchronize(device)
         dt = time.time() - t0
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
         mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB" if device.type == "cuda" else ""
-        if finite:
+        if finite or overflow:
+            skipped = f" | gradients overflowed float16: step skipped, loss scale now {scaler.get_scale():g}" if overflow else ""
             run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | "
-                           f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}",
-                           **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens_per_sec": tokens_per_sec})
+                           f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}"
+                           f"{skipped}", **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                                            "tokens_per_sec": tokens_per_sec})
         else:
             say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
         if is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps):
-            write_checkpoint(cfg, d, raw_model, optimizer, train_loader, step + 1, say)
+            write_checkpoint(cfg, d, raw_model, optimizer, scaler, train_loader, step + 1, say)
     run_log.finish()
 
 
@@ -1652,10 +1753,15 @@ def ranks_agree_on(path, d):
 def save_checkpoint(path, state):
     """Writes state to path atomically: a crash leaves either the old file or the complete new one."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk: no half-written file left taking the space
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -1665,13 +1771,19 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """Loads a checkpoint on the CPU. weights_only=True: a file that would run code is refused."""
+    """Loads a checkpoint on the CPU. weights_only=True: a file that would run code is refused.
+
+    The tensors are mapped from the file (mmap), not read into this process's memory: each is read when it is first
+    touched, and the ranks of a node share those pages (the page cache). A resume under FSDP touches only this rank's
+    slices, so it costs about the host memory that training does, not a whole copy of the weights and AdamW's moments
+    per rank. torch.save's files are zip archives; anything else (which mmap cannot read) is loaded as before, to be
+    refused with its own message."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: pass --init_from=scratch, resume, or an existing model_XXXXX.pt")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing a file
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and holds_code(path, e):
             raise UserError(f"refused to load checkpoint {path}: it holds Python objects that could run code, not just "
@@ -1735,39 +1847,67 @@ def full_state_dicts(model, optimizer, is_master):
     return model_state, {"state": opt_state, "param_groups": opt["param_groups"]}
 
 
-def shard_optimizer_state(optimizer, state):
-    """A checkpoint's optimizer state dict made to fit `optimizer`: each tensor shaped like its parameter is cut to
-    the parameter's shard when the parameter is a DTensor (FSDP); otherwise the state dict is returned as it is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
+def optimizer_state_for(optimizer, state):
+    """A checkpoint's optimizer state dict made to fit `optimizer`: each tensor shaped like its parameter is copied
+    to the parameter's device; under FSDP (the parameter is a DTensor) only this rank's slice of it is, so each rank
+    holds its shard of AdamW's moments and never the whole (the checkpoint's tensors stay in the mapped file)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not any(isinstance(p, DTensor) for p in params):
-        return state
-    shard = lambda v, p: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)  # every rank has v
-    per_param = {i: {k: shard(v, params[i]) if isinstance(params[i], DTensor) and torch.is_tensor(v) and
-                     v.shape == params[i].shape else v for k, v in s.items()} for i, s in state["state"].items()}
-    return {**state, "state": per_param}
+
+    def fit(v, p):
+        if not torch.is_tensor(v) or v.shape != p.shape:
+            return v  # the step count
+        if not is_dtensor(p):
+            return v.to(p.device, copy=True)  # a copy even on the CPU: the optimizer owns it, not the mapped file
+        return local_slice(v, p)
+
+    return {**state, "state": {i: {k: fit(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
 
 
-def rng_state():
-    """This process's random states, as tensors and plain numbers (loadable with weights_only=True)."""
+def is_dtensor(t):
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_slice(whole, like):
+    """This rank's part of `whole` (a tensor of DTensor like's global shape, on the CPU) as a DTensor placed as `like`,
+    copied to like's device. FSDP2 shards dim 0 over a 1-D mesh in torch.chunk's parts: rank r holds rows
+    [r * ceil(n / world), ...), fewer (or none) at the end."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    (placement,) = like.placements
+    assert isinstance(placement, Shard), f"expected a Shard placement, got {placement}"
+    mesh, dim = like.device_mesh, placement.dim
+    size = -(-whole.size(dim) // mesh.size())  # ceil
+    start = min(mesh.get_local_rank() * size, whole.size(dim))
+    part = whole.narrow(dim, start, min(size, whole.size(dim) - start)).to(like.device, copy=True)
+    assert part.shape == like.to_local().shape, f"slice {tuple(part.shape)} != shard {tuple(like.to_local().shape)}"
+    return DTensor.from_local(part, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+
+
+def rng_state(device):
+    """This process's random states, as tensors and plain numbers (loadable with weights_only=True). On CUDA only this
+    rank's own GPU's: a job resumed with fewer GPUs visible to each process (one per task under SLURM) restores it."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # checkpoints before this one held every visible GPU's state
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def load_model(path, device="cpu"):
@@ -1948,7 +2088,20 @@ def export(cfg):
               "written; AutoTokenizer.from_pretrained('gpt2') is the same tokenizer")
 
 
+# the oldest torch whose APIs this file uses: torch.distributed.fsdp's fully_shard and FSDPModule are public from 2.6
+TORCH_MIN = (2, 6)
+
+
+def check_torch_version(version=torch.__version__):
+    """Stops at the start, in one line, on a torch too old for the code paths a run may take hours later."""
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < TORCH_MIN:
+        need = ".".join(map(str, TORCH_MIN))
+        raise UserError(f"torch {version} is too old: this code needs torch >= {need}; pip install 'torch>={need}'")
+
+
 def main(cfg, overridden):
+    check_torch_version()
     check_command_line(cfg)
     if cfg.init_from not in ("scratch", "resume") and not os.path.exists(cfg.init_from) and not is_hf_model(cfg.init_from):
         raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, a model_XXXXX.pt path, "

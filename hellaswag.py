@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cli import ANY, NOT_EMPTY, Relation, UserError, at_least, check_settings, one_of, run_cli
 from gpt2 import (
     HELLASWAG_URL,
+    check_torch_version,
     evaluate_hellaswag,
     load_hellaswag,
     load_hf_model,
@@ -39,7 +40,7 @@ class Config:
     split: str = "val"  # val | train (test has no public labels)
     limit: int = 0  # score only the first N examples; 0 = all
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    dtype: str = "auto"  # auto (CUDA: bfloat16, or float16 on GPUs without it; else float32) | float32 | bfloat16 | float16
     batch_size: int = 16  # examples per forward pass (each is one row: the context once, then its 4 endings)
     cache_dir: str = ""  # where downloads are kept; "" = $HELLASWAG_CACHE, else ~/.cache/gpt2-fineweb/hellaswag
     data_url: str = HELLASWAG_URL  # where hellaswag_{split}.jsonl is downloaded from
@@ -53,7 +54,7 @@ RULES = {  # what each setting accepts, checked before any work (see cli.check_s
     "split": one_of("val", "train"),
     "limit": at_least(0),
     "device": one_of("auto", "cpu", "cuda", "mps"),
-    "dtype": one_of("auto", "float32", "bfloat16"),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "batch_size": at_least(1),
     "cache_dir": ANY,
     "data_url": NOT_EMPTY,
@@ -79,6 +80,7 @@ def check_model_path(name):
 
 
 def main(cfg, overridden):
+    check_torch_version()
     check_settings(cfg, RULES, RELATIONS)
     if cfg.model:
         check_model_path(cfg.model)
@@ -86,13 +88,13 @@ def main(cfg, overridden):
     try:
         say = print if d.is_master else (lambda *args, **kwargs: None)
         device = d.device
-        autocast, use_bf16 = make_autocast(cfg.dtype, device)
+        autocast, dtype = make_autocast(cfg.dtype, device)
         # the model first: a wrong name or path stops the run before the data is downloaded
         model = load_hf_model(cfg.model, device) if cfg.model else load_model(cfg.checkpoint, device)
         examples = load_hellaswag(cfg.split, cfg.data_file or None, is_master=d.is_master, cache_dir=cfg.cache_dir or None,
                                   url=cfg.data_url, limit=cfg.limit)
         say(f"hellaswag {cfg.split}: {len(examples)} examples | {cfg.model or cfg.checkpoint} | {device} | "
-            f"{'bfloat16' if use_bf16 else 'float32'} | {d.world_size} rank(s)", flush=True)
+            f"{str(dtype).removeprefix('torch.')} | {d.world_size} rank(s)", flush=True)
         result = evaluate_hellaswag(model, examples, device, autocast, d.rank, d.world_size, cfg.batch_size,
                                     progress=d.is_master)
         say(f"{result['n']} acc: {result['acc']:.4f} acc_norm: {result['acc_norm']:.4f}", flush=True)

@@ -2,6 +2,7 @@
 
     python bench/bench_memory.py                  # GPT-2 medium's shape (24 layers, 1024 wide), short sequences
     python bench/bench_memory.py --run=large      # GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks
+    python bench/bench_memory.py --run=resume     # GPT-2 medium's shape on 2 FSDP ranks: host memory of a resume vs training
     python bench/bench_memory.py --run=table      # the README's table of estimates (GPT-2 sizes x 8 ranks x GPUs)
 
 `compare` starts each setting as its own 2-rank torchrun of this file, which measures its resident memory (RSS,
@@ -37,7 +38,7 @@ SIZES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), 
 
 @dataclass
 class Config:
-    run: str = "compare"  # compare | large | table
+    run: str = "compare"  # compare | large | resume | table
     n_layer: int = 24  # compare: the model shape (GPT-2 medium)
     n_head: int = 16
     n_embd: int = 1024
@@ -84,7 +85,7 @@ def worker(cfg):
     for block in model.transformer.h:
         block.recompute = recompute
     if fsdp:
-        gpt2.shard_model(model, d, use_bf16=False)
+        gpt2.shard_model(model, d)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 1e-8, "cpu")
     _, train_model = gpt2.wrap_model(run_cfg, model, d)
     settle()
@@ -110,7 +111,7 @@ def worker(cfg):
         gpt2.clip_gradients(model, 1.0)
         optimizer.step()
     peak = rss("VmHWM") - base
-    estimate = gpt2.estimate_memory(run_cfg, d.world_size, False, "chunked")
+    estimate = gpt2.estimate_memory(run_cfg, d.world_size, torch.float32, "chunked")
     result = {"rank": d.rank, "setting": cfg.setting, "built": built, "state": state, "peak": peak,
               "activations": peak - state, "saved": sum(saved.values()), "estimate": estimate, "loss": loss.item()}
     results = [None] * d.world_size
@@ -214,7 +215,7 @@ def large(cfg):
     print("\n".join(line for line in lines if line.startswith(("step", "memory per rank", "7"))))
     estimate = float(re.search(r"memory per rank \(estimate, GB\).*= ([\d.]+)", out).group(1))
     run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T, micro_batch_size=B)
-    ddp = gpt2.estimate_memory(run_cfg, 2, False, "chunked")["total"] / GB
+    ddp = gpt2.estimate_memory(run_cfg, 2, gpt2.torch.float32, "chunked")["total"] / GB
     measured = max(peaks.values()) / GB
     print(f"GPT-2 large (774M), {B}x{T} tokens per rank, 2 gloo ranks with --fsdp=1, 3 steps in {time.time() - start:.0f} s")
     print(f"peak RSS per rank: {', '.join(f'{p / GB:.2f}' for p in peaks.values())} GB; gpt2.py's estimate {estimate:.2f} GB "
@@ -222,10 +223,82 @@ def large(cfg):
           f"{2 * ddp:.1f} GB for the two")
 
 
+def rank_of(pid):
+    """torchrun's RANK of process pid, or None for a process that is not a rank of gpt2.py."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            cmdline = f.read()
+        if "gpt2.py" not in cmdline or "torch.distributed.run" in cmdline:
+            return None
+        with open(f"/proc/{pid}/environ") as f:
+            env = dict(kv.split("=", 1) for kv in f.read().split("\0") if "=" in kv)
+        return int(env["RANK"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def private_peaks(args, env):
+    """Runs torchrun with args; returns {rank: peak private (anonymous) resident bytes}, polled from /proc every 5 ms.
+    Anonymous memory is the process's own: a file mapped and read (a checkpoint loaded with mmap) is page cache,
+    shared by the ranks of a node and given back under pressure, so it is not counted."""
+    proc = subprocess.Popen(torchrun(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peaks, ranks = {}, {}
+    while proc.poll() is None:
+        for pid in descendants(proc.pid):
+            if ranks.get(pid) is None:  # asked again until the forked process has become a rank
+                ranks[pid] = rank_of(pid)
+            if ranks[pid] is not None:
+                try:
+                    peaks[ranks[pid]] = max(peaks.get(ranks[pid], 0), rss("RssAnon", pid))
+                except (OSError, StopIteration):
+                    pass
+        time.sleep(0.005)
+    out = proc.stdout.read()
+    if proc.returncode:
+        sys.exit(f"gpt2.py failed:\n{out}")
+    return peaks
+
+
+def resume(cfg):
+    """GPT-2 medium's shape on 2 FSDP ranks: one step trained and checkpointed, then resumed for one more. The peak
+    private memory of rank 1 (which does not write checkpoints) in each run, and the resumed run's losses against an
+    uninterrupted one's."""
+    n_layer, n_head, n_embd = SIZES["350M"]
+    T, B = 64, 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for split, size in (("val", 10000), ("train", 100000)):
+            np.save(os.path.join(tmp, f"bench_{split}_000000.npy"), rng.integers(0, 50257, size, dtype=np.uint16))
+        common = [os.path.join(ROOT, "gpt2.py"), f"--data_dir={tmp}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+                  f"--n_embd={n_embd}", f"--block_size={T}", f"--micro_batch_size={B}", f"--total_batch_size={2 * B * T}",
+                  "--val_every=0", "--hellaswag_every=0", "--sample_every=0", "--checkpoint_every=1", "--compile=0",
+                  "--device=cpu", "--fsdp=1"]
+        start = time.time()
+        train = private_peaks([*common, f"--log_dir={tmp}/log", "--max_steps=1"], env)
+        resumed = private_peaks([*common, f"--log_dir={tmp}/log", "--max_steps=2", "--init_from=resume"], env)
+        private_peaks([*common, f"--log_dir={tmp}/straight", "--max_steps=2"], env)  # for its losses
+        losses = [read_log(os.path.join(tmp, name)) for name in ("log", "straight")]
+        size = os.path.getsize(os.path.join(tmp, "log", "model_00001.pt"))
+    print(f"GPT-2 medium's shape ({n_layer} x {n_embd}), {B}x{T} tokens per rank, 2 gloo ranks with --fsdp=1, float32; "
+          f"checkpoint {size / GB:.2f} GB; three runs in {time.time() - start:.0f} s")
+    print(f"peak private (anonymous) memory of rank 1: training {train[1] / 2**30:.2f} GiB, resume {resumed[1] / 2**30:.2f} "
+          f"GiB: {resumed[1] / train[1]:.2f}x (target <= 1.25x); rank 0 (writes checkpoints): {train[0] / 2**30:.2f} and "
+          f"{resumed[0] / 2**30:.2f} GiB")
+    print(f"losses, resumed vs uninterrupted: {losses[0]} vs {losses[1]}: {'equal' if losses[0] == losses[1] else 'DIFFERENT'}")
+
+
+def read_log(log_dir):
+    """log.txt's train losses as {step: loss}."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return {int(step): float(value) for step, kind, value in (line.split() for line in f) if kind == "train"}
+
+
 def table(cfg):
     """Per size and mode, the largest micro batch (T=1024, bf16, loss_impl auto = plain on CUDA) that fits each GPU."""
     import gpt2
 
+    bf16 = gpt2.torch.bfloat16
     print("| model | mode (8 ranks) | weights, grads, AdamW, gathered | activations per sequence | 24 GB | 40 GB | 80 GB |")
     print("|---|---|---|---|---|---|---|")
     for name, (n_layer, n_head, n_embd) in SIZES.items():
@@ -236,11 +309,11 @@ def table(cfg):
             for budget in (24, 40, 80):
                 best = 0
                 for b in range(1, 257):
-                    if gpt2.estimate_memory(replace(run_cfg, micro_batch_size=b), 8, True, "plain")["total"] > budget * GB:
+                    if gpt2.estimate_memory(replace(run_cfg, micro_batch_size=b), 8, bf16, "plain")["total"] > budget * GB:
                         break
                     best = b
                 fits.append(str(best) if best else "-")
-            one = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=1), 8, True, "plain")
+            one = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=1), 8, bf16, "plain")
             state = one["weights"] + one["gradients"] + one["optimizer"] + one["gathered"]
             print(f"| {name} | {mode} | {state / GB:.1f} GB | {one['activations'] / GB:.2f} GB | {' | '.join(fits)} |")
 
@@ -251,7 +324,7 @@ def main(cfg, _):
     from machine import describe
 
     print(describe())
-    {"compare": compare, "large": large, "table": table}[cfg.run](cfg)
+    {"compare": compare, "large": large, "resume": resume, "table": table}[cfg.run](cfg)
 
 
 if __name__ == "__main__":

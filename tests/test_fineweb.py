@@ -449,6 +449,44 @@ def test_missing_text_column_lists_the_columns(tmp_path, texts):
         fineweb.main(config(jsrc, tmp_path / "out", text_column="content"))
 
 
+def test_a_text_column_that_holds_no_strings_names_its_type(tmp_path, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": list(range(10))}), numbers)
+    with pytest.raises(UserError, match=r"column 'text' in .*numbers.parquet holds int64, not text.*--text_column"):
+        fineweb.main(config(str(numbers), tmp_path / "out"))
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"text": [["a", "b"]] * 10, "id": list(range(10))}), lists)
+    with pytest.raises(UserError, match=r"column 'text' in .*lists.parquet holds list<.*string.*>, not text"):
+        fineweb.main(config(str(lists), tmp_path / "out"))
+    jsonl = tmp_path / "numbers.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(10)))
+    with pytest.raises(UserError, match=r"column 'text' in .*numbers.jsonl.* holds int64, not text"):
+        fineweb.main(config(str(jsonl), tmp_path / "out"))
+
+
+def test_an_error_while_the_progress_bar_is_drawn_starts_its_own_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i}" for i in range(4000)]}), src, row_group_size=1000,
+                   compression="snappy")
+    data = bytearray(src.read_bytes())
+    last_group = pq.ParquetFile(src).metadata.row_group(3).column(0)
+    start = last_group.data_page_offset + 64  # inside the last row group's compressed data; the footer stays readable
+    data[start:start + 512] = b"\xab" * 512
+    src.write_bytes(bytes(data))
+    out = run_cli(f"--data_files={src}", f"--out_dir={tmp_path / 'out'}", "--num_proc=1", "--unit_bytes=1000",
+                  "--val_tokens=100")
+    assert out.returncode == 1
+    assert "tokenizing:" in out.stderr  # the bar was drawn
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: cannot read")]
+    assert len(errors) == 1 and "docs.parquet (row groups 3-3)" in errors[0], out.stderr
+
+
 def test_foreign_out_dir_is_refused_and_unchanged(tmp_path, texts):
     src = write_parquet(tmp_path / "docs.parquet", texts)
     other = tmp_path / "other"

@@ -165,9 +165,9 @@ def test_memory_estimate_counts_the_model_and_what_backward_keeps():
     cfg = gpt2.Config(n_layer=4, n_head=2, n_embd=64, block_size=32, vocab_size=512, micro_batch_size=4)
     model = gpt2.GPT(gpt2.model_config(cfg))
     n = sum(p.numel() for p in model.parameters())
-    single = gpt2.estimate_memory(cfg, 1, use_bf16=False, loss_impl="chunked")
+    single = gpt2.estimate_memory(cfg, 1, torch.float32, loss_impl="chunked")
     assert single["weights"] == 4 * n and single["optimizer"] == 8 * n and single["gathered"] == 0
-    sharded = gpt2.estimate_memory(gpt2.Config(**{**cfg.__dict__, "fsdp": True}), 8, use_bf16=False, loss_impl="chunked")
+    sharded = gpt2.estimate_memory(gpt2.Config(**{**cfg.__dict__, "fsdp": True}), 8, torch.float32, loss_impl="chunked")
     assert sharded["weights"] == 4 * n / 8 and sharded["optimizer"] == 8 * n / 8
     # the blocks' share of the activations, against the tensors autograd really keeps for backward
     x = torch.randint(0, 512, (4, 32))
@@ -182,6 +182,19 @@ def test_memory_estimate_counts_the_model_and_what_backward_keeps():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.hidden_states(x)
     assert sum(kept.values()) == pytest.approx(single["activations_kept"] - single["loss"], rel=0.15)
+
+    # with recompute under bf16 autocast (DDP's way), what the forward keeps is each block's input (and ln_f's): the
+    # residual stream, which autocast leaves in float32; the estimate's recompute activations less one block's worth
+    # and the loss
+    cfg = gpt2.Config(**{**cfg.__dict__, "activation_checkpointing": True})
+    estimate = gpt2.estimate_memory(cfg, 1, torch.bfloat16, loss_impl="chunked")
+    for block in model.transformer.h:
+        block.recompute = True
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden_states(x)
+    one_block = x.numel() * cfg.n_embd * 16 * 2
+    assert sum(kept.values()) == pytest.approx(estimate["activations_recompute"] - estimate["loss"] - one_block, rel=0.15)
 
 
 def test_loss_impl_auto_and_a_bad_name():
