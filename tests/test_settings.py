@@ -82,11 +82,12 @@ REFUSED = ["--micro_batch_size=0", "--micro_batch_size=-4", "--total_batch_size=
            "--hellaswag_every=-250", "--sample_every=-1", "--checkpoint_every=-1", "--val_tokens=0", "--warmup_steps=-1",
            "--lr_decay_steps=-1", "--grad_clip=-1", "--num_samples=0", "--max_new_tokens=0", "--top_k=0",
            "--temperature=0", "--temperature=-1", "--n_layer=0", "--n_head=-1", "--n_embd=0", "--block_size=0",
-           "--vocab_size=0", "--device=gpu", "--dtype=float16", "--mode=eval", "--log_dir=", "--data_dir=",
+           "--vocab_size=0", "--device=gpu", "--dtype=float8", "--fsdp=1 --dtype=float16", "--mode=eval", "--log_dir=",
+           "--data_dir=", "--dist_timeout_min=0",
            "--min_lr=1e-3", "--warmup_steps=10 --lr_decay_steps=100 --max_steps=50",
            "--block_size=16 --max_new_tokens=16", "--mode=export", "--total_batch_size=1000 --micro_batch_size=3"]
 ACCEPTED = ["--beta1=0", "--min_lr=0", "--warmup_steps=0", "--keep_checkpoints=0", "--val_every=0", "--grad_clip=0",
-            "--weight_decay=0", "--seed=0", "--top_k=1", "--min_lr=6e-4", "--max_steps=1",
+            "--weight_decay=0", "--seed=0", "--top_k=1", "--dtype=float16", "--min_lr=6e-4", "--max_steps=1",
             "--warmup_steps=10 --lr_decay_steps=40 --max_steps=50", "--block_size=16 --max_new_tokens=16 --sample_every=0",
             "--mode=sample --block_size=16 --max_new_tokens=16", "--mode=export --export_dir=out",
             "--total_batch_size=192 --micro_batch_size=3 --block_size=64", "--warmup_steps=715 --max_steps=100"]
@@ -113,7 +114,7 @@ def test_existing_messages_are_kept():
                            "total_batch_size=100 is not divisible by .* --total_batch_size=128"),
                           ("--top_k=0", "--top_k=0: must be at least 1"), ("--temperature=0", "must be > 0"),
                           ("--device=gpu", "--device=gpu: expected auto, cpu, cuda or mps"),
-                          ("--dtype=fp16", "--dtype=fp16: expected auto, float32 or bfloat16"),
+                          ("--dtype=fp16", "--dtype=fp16: expected auto, float32, bfloat16 or float16"),
                           ("--mode=generate", "--mode=generate: expected train, sample or export")]:
         cfg = gpt2.Config()
         cli.apply_overrides(cfg, args.split())
