@@ -556,17 +556,22 @@ def test_sigkill_during_shard_writes_resumes_byte_identical(tmp_path):
     args = [f"--data_files={src}", f"--out_dir={out}", *(f"--{k}={v}" for k, v in settings.items())]
     writing = lambda: out.exists() and any(n.endswith(".tmp") for n in os.listdir(out))
     mid_write = 0
-    for _ in range(6):  # each run is killed the moment a shard's (or the manifest's) temporary file appears
+    for _ in range(30):  # each run is killed the moment a shard's (or the manifest's) temporary file appears
+        if mid_write >= 2 or os.path.exists(out / "manifest.json") and manifest(out).get("complete"):
+            break
+        if out.exists():  # a temporary file left by the last kill is not this run's write
+            for name in os.listdir(out):
+                if name.endswith(".tmp"):
+                    os.remove(out / name)
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "fineweb.py"), *args], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a guard against a hang only: the kill waits for the write, not the clock
         while proc.poll() is None and time.time() < deadline and not writing():
             time.sleep(0.0005)
+        proc.send_signal(signal.SIGSTOP)  # frozen: whether it is still mid-write cannot change before the kill
+        mid_write += writing()
         proc.kill()
         proc.wait()
-        mid_write += writing()  # the temporary file is still there: the kill came mid-write
-        if os.path.exists(out / "manifest.json") and manifest(out).get("complete"):
-            break
     assert mid_write >= 1
     fineweb.main(config(src, out, **settings))
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")

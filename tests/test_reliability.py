@@ -33,17 +33,31 @@ def start_gpt2(*args):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc, condition, deadline_s=120):
-    """SIGKILLs proc as soon as condition() holds; returns False if the process ended first."""
+def kill_when(proc, condition, deadline_s=300):
+    """SIGKILLs proc as soon as condition() holds; returns what condition() says with proc stopped (SIGSTOP) just
+    before the kill, so a check made then cannot race the process; None if the process ended first. The deadline
+    only guards against a hang: every condition used here is reached by the run's own progress, not by time."""
     end = time.time() + deadline_s
     while proc.poll() is None and time.time() < end:
         if condition():
+            proc.send_signal(signal.SIGSTOP)
+            held = condition()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return True
+            return held
         time.sleep(0.001)
     proc.wait()
-    return False
+    return None
+
+
+def logged_step(log_dir):
+    """The last step with a train line in log_dir/log.txt (-1 if none yet)."""
+    try:
+        with open(log_dir / "log.txt") as f:
+            steps = [int(line.split()[0]) for line in f if line.endswith("train\n") or " train " in line]
+    except (OSError, ValueError):
+        return -1
+    return max(steps, default=-1)
 
 
 @pytest.mark.slow
@@ -56,21 +70,27 @@ def test_sigkill_at_random_moments_and_during_checkpoint_writes(big_vocab_shards
     rng = random.Random(0)
     tmp_seen = lambda: any(n.endswith(".tmp") and n.startswith("model_") for n in os.listdir(crashed))
     kills = during_write = 0
-    for attempt in range(40):
-        if kills >= 12:
+    # kills are placed by the run's progress (a step logged, a temporary file present), never by the clock, so that a
+    # loaded machine changes how long this takes but not what it tests
+    for attempt in range(60):
+        if kills >= 12 and during_write >= 3:
             break
+        start = list_checkpoints(crashed)[-1][0] if crashed.exists() and list_checkpoints(crashed) else 0
+        if attempt % 2 and crashed.exists():  # a temporary file left by the last kill is not this run's write
+            for name in os.listdir(crashed):
+                if name.endswith(".tmp"):
+                    os.remove(crashed / name)
         proc = start_gpt2(*args)
         if attempt % 2:  # mid-write: as soon as a checkpoint's temporary file appears
-            killed = kill_when(proc, lambda: crashed.exists() and tmp_seen())
-            during_write += killed and tmp_seen()
-        else:  # at a random moment after start-up
-            delay = rng.uniform(1.0, 4.0)
-            start = time.time()
-            killed = kill_when(proc, lambda start=start, delay=delay: time.time() - start > delay)
-        kills += killed
-        if not killed:
+            held = kill_when(proc, lambda: crashed.exists() and tmp_seen())
+            during_write += bool(held)
+        else:  # a few steps after where it resumed, mid-step or between steps
+            target = start + rng.randint(1, 5)
+            held = kill_when(proc, lambda target=target: logged_step(crashed) >= target)
+        if held is None:
             assert proc.returncode == 0, proc.stderr.read()
             break
+        kills += 1
     assert kills >= 10 and during_write >= 3, (kills, during_write)
     run_gpt2(*args)  # finish whatever is left
     assert read_log(crashed) == read_log(straight)
