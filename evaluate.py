@@ -291,9 +291,7 @@ def task_manager(tasks, include_path):
     there alone when it defines them all, which spares indexing the harness's thousands of task files."""
     from lm_eval.tasks import TaskManager
 
-    if include_path:
-        if not os.path.isdir(include_path):
-            raise UserError(f"--include_path={include_path}: no such directory; pass a directory of task YAML files")
+    if include_path:  # main checked that it exists
         own = TaskManager(include_path=include_path, include_defaults=False)
         if set(own.match_tasks(tasks)) == set(tasks):
             return own
@@ -373,12 +371,13 @@ def evaluate_model(cfg, d, say):
     if cfg.checkpoint:  # a local file: checked first, before the slower task index
         model = load_model(cfg.checkpoint)
         check_vocab(model, f"checkpoint {cfg.checkpoint}")
+    else:
+        check_model_path(cfg.model)
     tasks = task_list(cfg.tasks)
     if not tasks:
         raise UserError(f"--tasks is empty: pass harness task names, e.g. --tasks={DEFAULT_TASKS}")
     manager = task_manager(tasks, cfg.include_path)
-    if cfg.model:
-        check_model_path(cfg.model)
+    if cfg.model:  # its config, then (a download for a hub name) its weights
         check_hf_vocab(cfg.model)
         model = load_hf_model(cfg.model)
     autocast, use_bf16 = make_autocast(cfg.dtype, d.device)

@@ -23,7 +23,15 @@ import gpt2
 import plot
 
 pytest.importorskip("lm_eval")
-os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything here is local
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Everything here is local: the harness and transformers are told not to look for the Hub."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        yield
 
 DOCS = [  # the fields of all four tasks below in one file
     {"goal": "To open a jar of pickles,", "sol1": "twist the lid counterclockwise until it pops.",
@@ -122,18 +130,20 @@ def test_requests_score_as_the_harness_hf_model(checkpoint, harness_hf):
 
 
 def test_command_on_two_ranks_equals_the_harness_hf_model(checkpoint, task_dir, harness_hf, tmp_path):
-    """evaluate.py under torchrun (3 documents per task over 2 ranks), its --output against the hf model's run."""
+    """evaluate.py under torchrun (3 documents per task over 2 ranks), its --output against the hf model's run. Two of
+    the tasks (the requests of all four are compared above): multiple choice, and perplexity over rolling windows."""
+    tasks = ["tiny_choice", "tiny_rolling"]
     out = tmp_path / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "evaluate.py"), f"--checkpoint={checkpoint[0]}", f"--tasks={','.join(TASKS)}",
+                           os.path.join(ROOT, "evaluate.py"), f"--checkpoint={checkpoint[0]}", f"--tasks={','.join(tasks)}",
                            f"--include_path={task_dir}", f"--output={out}", "--bootstrap_iters=0", "--device=cpu",
                            "--batch_size=2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("|tiny_choice ") == 1  # rank 0 prints the harness's table, once
     ours, theirs = json.loads(out.read_text()), harness_hf["results"]
-    assert set(ours["configs"]) == set(TASKS) and "samples" not in ours
-    for task in TASKS:
+    assert set(ours["configs"]) == set(tasks) and "samples" not in ours
+    for task in tasks:
         for metric, value in theirs[task].items():
             if metric in ("acc,none", "acc_norm,none", "exact_match,none", "sample_len"):
                 assert ours["results"][task][metric] == value, (task, metric)
@@ -277,6 +287,11 @@ def test_errors_are_one_line(tmp_path, capsys, checkpoint, task_dir):
     err = one_line_error(capsys, "-m", str(tmp_path / "hf"), "--tasks=tiny_choice", f"--include_path={task_dir}")
     assert "vocab_size=1000, not GPT-2's" in err
     assert "no checkpoints" in one_line_error(capsys, f"--log_dir={tmp_path / 'hf'}")
+
+
+def test_without_the_harness_the_command_says_how_to_install_it(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "TemplateLM", None)  # what evaluate.py holds when `import lm_eval` failed
+    assert "pip install lm_eval" in one_line_error(capsys, f"--checkpoint={checkpoint[0]}")
 
 
 def test_unknown_task_is_named_from_the_harness_list(task_dir):
