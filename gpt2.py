@@ -1321,17 +1321,17 @@ def evaluate_loss(model, loader, device, autocast):
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, targets, loss sum over text tokens, bytes
     keep = {}  # log_softmax_chunks' buffer, from batch to batch
     for x, y in loader.batches():
-        x, y = x.flatten().to(device), y.flatten().to(device)  # (B*T,): y is -1 where padded
+        x, y = x.to(device), y.flatten().to(device)  # y (B*T,): -1 where padded
         with autocast():
-            h = raw.hidden_states(x.view(loader.B, loader.T)).flatten(0, 1)  # (B*T, C)
+            h = raw.hidden_states(x).flatten(0, 1)  # (B*T, C)
             losses = torch.cat([-logp.gather(1, y[rows, None].clamp(min=0))[:, 0]
                                 for rows, logp, _ in log_softmax_chunks(h, raw.lm_head.weight, keep)]).double()  # (B*T,)
-        counted = y >= 0
-        text = nbytes[y.clamp(min=0)] * counted  # (B*T,) bytes of each target, 0 for <|endoftext|> and padding
+        counted = (y >= 0).double()  # a batch of padding only still runs, so that every rank joins every forward pass
+        text = nbytes[y.clamp(min=0)].double() * counted  # (B*T,) bytes of each target, 0 for <|endoftext|> and padding
         totals += torch.stack([(losses * counted).sum(), counted.sum(), (losses * (text > 0)).sum(), text.sum()])
     all_reduce_sum(totals)
     loss_sum, count, text_loss_sum, byte_count = totals.tolist()
-    return loss_sum / count, text_loss_sum / (math.log(2) * byte_count)
+    return loss_sum / count, text_loss_sum / (math.log(2) * byte_count) if byte_count else float("nan")
 
 
 # HellaSwag: pick the most likely of 4 endings for a context. build-nanogpt's recipe: the context tokens, then each
