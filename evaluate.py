@@ -480,9 +480,10 @@ def evaluate_run(cfg, overridden, d, say):
                 lines = []
                 if d.is_master:
                     print_tables(results)
+                    # the harness keys a metric "name,filter" (acc,none); its other keys (alias, sample_len) are not
                     lines = [(f"{task}/{metric.replace(',none', '').replace(',', '_')}", f"{value:.6g}")
                              for task, metrics in results["results"].items() for metric, value in metrics.items()
-                             if isinstance(value, (int, float)) and "_stderr" not in metric]
+                             if "," in metric and "_stderr" not in metric and isinstance(value, (int, float))]
             if d.is_master:
                 write = [(k, v) for k, v in lines if settings != own or (step, k) not in logged]  # never a second value
                 with open(log_file, "a") as f:

@@ -218,7 +218,7 @@ def run_evaluate_in_process(capsys, *argv):
     return capsys.readouterr().out
 
 
-def test_log_dir_evaluates_a_run_trained_without_evaluation(trained, tmp_path, capsys):
+def test_log_dir_evaluates_a_run_trained_without_evaluation(trained, task_dir, tmp_path, capsys):
     log_dir, _, (loss, bpb) = trained
     quiet = tmp_path / "quiet"  # the same run as if trained with --val_every=0: its log holds train lines only
     quiet.mkdir()
@@ -227,21 +227,27 @@ def test_log_dir_evaluates_a_run_trained_without_evaluation(trained, tmp_path, c
     (quiet / "log.txt").write_text("\n".join(train_lines) + "\n")
     hella_file = write_jsonl(tmp_path / "hellaswag_val.jsonl", ROWS)
 
-    out = run_evaluate_in_process(capsys, f"--log_dir={quiet}", f"--hellaswag_file={hella_file}", "--device=cpu")
-    assert "model_00001.pt (step 1) | val loss" in out
+    settings = [f"--log_dir={quiet}", f"--hellaswag_file={hella_file}", "--device=cpu", "--tasks=tiny_choice",
+                f"--include_path={task_dir}", "--bootstrap_iters=0"]
+    out = run_evaluate_in_process(capsys, *settings)
+    assert "model_00001.pt (step 1) | val loss" in out and "|tiny_choice|" in out.replace(" ", "")
     first = log_lines(quiet)
     assert first[:len(train_lines)] == train_lines  # appended, nothing rewritten
     added = {(int(s), k): float(v) for s, k, v in (line.split() for line in first[len(train_lines):])}
-    assert set(added) == {(1, "val"), (1, "bpb"), (1, "hella")}
+    assert set(added) == {(1, "val"), (1, "bpb"), (1, "hella"), (1, "tiny_choice/acc"), (1, "tiny_choice/acc_norm")}
+    assert all(round(3 * added[(1, f"tiny_choice/{m}")], 4) in (0, 1, 2, 3) for m in ("acc", "acc_norm"))  # 3 documents
     assert added[(1, "val")] == pytest.approx(loss, abs=2e-6) and added[(1, "bpb")] == pytest.approx(bpb, abs=2e-6)
     model = gpt2.load_model(str(quiet / "model_00001.pt"))
     expected = gpt2.evaluate_hellaswag(model, gpt2.load_hellaswag("val", hella_file), torch.device("cpu"))
     assert added[(1, "hella")] == round(expected["acc_norm"], 4)
     assert plot.read_log(quiet / "log.txt")["bpb"] == ([1], [added[(1, "bpb")]])
-    assert (quiet / "log.png").exists()
+    from PIL import Image
+
+    with Image.open(quiet / "log.png") as img:
+        assert img.width == 3 * 650  # three panels: loss, bits per byte, HellaSwag
 
     # again with the same settings: skipped; with other settings: evaluated and appended, the old lines kept
-    out = run_evaluate_in_process(capsys, f"--log_dir={quiet}", f"--hellaswag_file={hella_file}", "--device=cpu")
+    out = run_evaluate_in_process(capsys, *settings)
     assert "skipped" in out and log_lines(quiet) == first
     run_evaluate_in_process(capsys, f"--log_dir={quiet}", f"--hellaswag_file={hella_file}", "--device=cpu",
                             "--val_tokens=40")
