@@ -340,12 +340,12 @@ def write_json(path, results):
     os.replace(tmp, path)
 
 
-def check_vocab(model, name):
-    """The harness's tasks are text, which only GPT-2's tokenizer turns into this model's tokens."""
+def check_vocab(model, name, fix="train with the default --vocab_size=50304"):
+    """The tasks are text, which only GPT-2's tokenizer turns into this model's tokens."""
     v = model.config.vocab_size
     if v < GPT2_VOCAB:
         raise UserError(f"{name} has vocab_size={v}, not GPT-2's {GPT2_VOCAB} tokens: its tokens are not GPT-2's, so it "
-                        f"cannot read the tasks' text (train with the default --vocab_size=50304)")
+                        f"cannot read the tasks' text; {fix}")
 
 
 def check_hf_vocab(name):
@@ -431,27 +431,12 @@ def evaluate_run(cfg, overridden, d, say):
         dist.barrier()  # every rank has read what is done before rank 0 adds to it
     log_file = os.path.join(cfg.log_dir, "log.txt")
     autocast, _ = make_autocast(cfg.dtype, d.device)
-    hella = None
+    hellaswag_data = {}  # examples by file, read once
     for step, path in found:
         ckpt = load_checkpoint(path)
         run = dataclasses.replace(RunConfig(), **{k: v for k, v in ckpt["config"].items() if k in RUN_FIELDS})
         name = os.path.basename(path)
-        jobs = []  # (job, settings, the run's own settings: lines that training wrote count as this job's)
-        val = {"data_dir": cfg.data_dir or run.data_dir, "val_tokens": cfg.val_tokens or run.val_tokens}
-        jobs.append(("val", val, {"data_dir": run.data_dir, "val_tokens": run.val_tokens}))
-        if cfg.hellaswag:
-            jobs.append(("hella", {"file": cfg.hellaswag_file or run.hellaswag_file}, {"file": run.hellaswag_file}))
-        if tasks:
-            jobs.append(("tasks", {"tasks": tasks, "include_path": cfg.include_path, "limit": cfg.limit}, None))
-        kinds = {"val": ["val", "bpb"], "hella": ["hella"]}
-        todo = []
-        for job, settings, own in jobs:
-            noted = [r for r in done if (r["checkpoint"], r["job"], r["settings"]) == (name, job, settings)]
-            if any(all((step, k) in logged for k in r["kinds"]) for r in noted):
-                continue
-            if job in kinds and settings == own and all((step, k) in logged for k in kinds[job]):
-                continue  # training evaluated it already
-            todo.append((job, settings, own))
+        todo = jobs_to_do(cfg, tasks, run, name, step, done, logged)
         if not todo:
             say(f"{name}: evaluated already with these settings, skipped")
             continue
@@ -467,23 +452,20 @@ def evaluate_run(cfg, overridden, d, say):
                 lines = [("val", f"{loss:.6f}"), ("bpb", f"{bpb:.6f}")]
                 say(f"{name} (step {step}) | val loss {loss:.4f} | bpb {bpb:.4f} | {loader.n_tokens:,} tokens")
             elif job == "hella":
-                check_vocab(model, f"checkpoint {path}")  # before the download
-                if hella is None or hella[0] != settings["file"]:
-                    hella = (settings["file"], load_hellaswag("val", settings["file"] or None, is_master=d.is_master))
-                result = evaluate_hellaswag(model, hella[1], d.device, autocast, d.rank, d.world_size, cfg.batch_size)
+                check_vocab(model, f"checkpoint {path}", "pass --hellaswag=0")  # before the download
+                if settings["file"] not in hellaswag_data:
+                    hellaswag_data[settings["file"]] = load_hellaswag("val", settings["file"] or None, is_master=d.is_master)
+                result = evaluate_hellaswag(model, hellaswag_data[settings["file"]], d.device, autocast, d.rank,
+                                            d.world_size, cfg.batch_size)
                 lines = [("hella", f"{result['acc_norm']:.4f}")]
                 say(f"{name} (step {step}) | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
             else:
-                check_vocab(model, f"checkpoint {path}")
+                check_vocab(model, f"checkpoint {path}", "leave --tasks out")
                 lm = GPTLM(model, d.device, autocast, cfg.batch_size, d.rank, d.world_size, path)
                 results = run_harness(lm, tasks, manager, cfg)
-                lines = []
+                lines = harness_lines(results) if d.is_master else []
                 if d.is_master:
                     print_tables(results)
-                    # the harness keys a metric "name,filter" (acc,none); its other keys (alias, sample_len) are not
-                    lines = [(f"{task}/{metric.replace(',none', '').replace(',', '_')}", f"{value:.6g}")
-                             for task, metrics in results["results"].items() for metric, value in metrics.items()
-                             if "," in metric and "_stderr" not in metric and isinstance(value, (int, float))]
             if d.is_master:
                 write = [(k, v) for k, v in lines if settings != own or (step, k) not in logged]  # never a second value
                 with open(log_file, "a") as f:
@@ -494,6 +476,39 @@ def evaluate_run(cfg, overridden, d, say):
                 logged |= {(step, k) for k, _ in lines}
     if d.is_master and os.path.exists(log_file):
         make_plotter(log_file, os.path.join(cfg.log_dir, "log.png"))()
+
+
+def jobs_to_do(cfg, tasks, run, name, step, done, logged):
+    """The evaluations of checkpoint `name` that are not done yet: [(job, its settings, the run's own settings)].
+
+    A job is done when evaluated.jsonl notes it for this checkpoint with the same settings and its lines are still in
+    log.txt (a resumed run cuts log.txt back), or, for validation and HellaSwag with the settings the run trained with,
+    when training logged its lines at this step.
+    """
+    jobs = [("val", {"data_dir": cfg.data_dir or run.data_dir, "val_tokens": cfg.val_tokens or run.val_tokens},
+             {"data_dir": run.data_dir, "val_tokens": run.val_tokens})]
+    if cfg.hellaswag:
+        jobs.append(("hella", {"file": cfg.hellaswag_file or run.hellaswag_file}, {"file": run.hellaswag_file}))
+    if tasks:
+        jobs.append(("tasks", {"tasks": tasks, "include_path": cfg.include_path, "limit": cfg.limit}, None))
+    training_kinds = {"val": ["val", "bpb"], "hella": ["hella"]}
+    todo = []
+    for job, settings, own in jobs:
+        noted = [r for r in done if (r["checkpoint"], r["job"], r["settings"]) == (name, job, settings)]
+        if any(all((step, k) in logged for k in r["kinds"]) for r in noted):
+            continue
+        if settings == own and all((step, k) in logged for k in training_kinds[job]):
+            continue
+        todo.append((job, settings, own))
+    return todo
+
+
+def harness_lines(results):
+    """(kind, value) for log.txt from the harness's results: `<task>/<metric>`; the harness keys a metric
+    "name,filter" (acc,none), and its other keys (alias, sample_len) are not metrics."""
+    return [(f"{task}/{metric.replace(',none', '').replace(',', '_')}", f"{value:.6g}")
+            for task, metrics in results["results"].items() for metric, value in metrics.items()
+            if "," in metric and "_stderr" not in metric and isinstance(value, (int, float))]
 
 
 # --- command line ---
