@@ -113,7 +113,7 @@ RELATIONS = [
              {"model": "gpt2", "checkpoint": "x.pt"}),
     Relation(("output", "log_dir"), lambda c: not (c.output and c.log_dir),
              lambda c: "--output writes the results of one model: with --log_dir they go to the run's log.txt, so drop "
-                       "--output", {"output": "x.json", "log_dir": "log"}),
+                       "--output", {"output": "x.json", "log_dir": "log", "checkpoint": "", "model": ""}),
 ]
 
 
