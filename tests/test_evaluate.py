@@ -151,6 +151,21 @@ def test_command_on_two_ranks_equals_the_harness_hf_model(checkpoint, task_dir, 
                 assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
 
 
+def test_hugging_face_directory_equals_the_harness_hf_model(checkpoint, task_dir, harness_hf, tmp_path, capsys):
+    """-m on the export itself (loaded as our GPT, in this process): the hf model's metrics on all four tasks."""
+    out = tmp_path / "results.json"
+    evaluate.run_cli(evaluate.main, evaluate.Config(), evaluate.expand_aliases([
+        "-m", checkpoint[1], f"--tasks={','.join(TASKS)}", f"--include_path={task_dir}", f"--output={out}",
+        "--bootstrap_iters=0", "--device=cpu"]))
+    assert "|tiny_gen" in capsys.readouterr().out
+    ours = json.loads(out.read_text())
+    assert ours["config"]["model"] == checkpoint[1]
+    for task in TASKS:
+        for metric, value in harness_hf["results"][task].items():
+            if isinstance(value, float) and "_stderr" not in metric:
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+
+
 # --- bits per byte, and evaluation after the fact ---
 
 TEXTS = ["Bits per byte counts the UTF-8 bytes of the text, so it is the same for any tokenizer.",
