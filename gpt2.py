@@ -21,6 +21,7 @@ and the command line. hellaswag.py is the command line for HellaSwag alone; it i
 
 import dataclasses
 import datetime
+import functools
 import glob
 import http.client
 import io
@@ -1249,12 +1250,13 @@ class RunLog:
             print(text)
 
     def record(self, step, kind, value, text, **metrics):
-        """Prints `text`, appends `<step> <kind> <value>` to log.txt and sends metrics to wandb."""
-        self.print(text)
+        """Prints `text` (if any), appends `<step> <kind> <value>` to log.txt and sends metrics (if any) to wandb."""
+        if text:
+            self.print(text)
         if self.file:
             with open(self.file, "a") as f:
                 f.write(f"{step} {kind} {value}\n")
-        if self.wandb:
+        if self.wandb and metrics:
             self.wandb.log(metrics, step=step)
 
     def finish(self):
@@ -1317,8 +1319,10 @@ def run_training(cfg, overridden, d):
         last = step == cfg.max_steps
         evaluated = False
         if val_loader and is_due(cfg.val_every, step, last):
-            val_loss = evaluate_loss(model, val_loader, device, autocast)
-            run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f}", **{"val/loss": val_loss})
+            val_loss, val_bpb = evaluate_loss(model, val_loader, device, autocast)
+            run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f} | bpb {val_bpb:.4f}",
+                           **{"val/loss": val_loss, "val/bpb": val_bpb})
+            run_log.record(step, "bpb", f"{val_bpb:.6f}", None)
             evaluated = True
         if hella and is_due(cfg.hellaswag_every, step, last):
             result = evaluate_hellaswag(raw_model, hella, device, autocast=autocast, rank=d.rank, world_size=d.world_size)
@@ -1391,21 +1395,44 @@ def open_val_loader(cfg, d, say):
     return loader
 
 
+@functools.cache
+def token_bytes(vocab_size):
+    """(vocab_size,) int64: how many UTF-8 bytes each token id stands for in GPT-2's tokenizer; 0 for <|endoftext|> and
+    for the padding ids past the tokenizer's vocabulary, which stand for no text. Built once per process."""
+    enc = get_tokenizer()
+    lengths = [len(enc.decode_single_token_bytes(i)) if i < enc.n_vocab and i != enc.eot_token else 0
+               for i in range(vocab_size)]
+    return torch.tensor(lengths, dtype=torch.long)
+
+
 @torch.no_grad()
 def evaluate_loss(model, loader, device, autocast):
-    """Token-weighted mean loss over all ranks' batches of a ValLoader: each rank sums loss x targets in float64, and
-    the sums and counts are all-reduced, so the number does not depend on how the tokens were split."""
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss sum, token count)
+    """(loss, bpb) over all ranks' batches of a ValLoader, each summed in float64 on every rank and all-reduced, so
+    neither depends on how the tokens were split.
+
+    loss: the mean loss per target token, in nats. bpb, bits per byte as nanochat defines it: over the targets that are
+    not <|endoftext|>, the summed loss divided by ln 2 times the UTF-8 bytes of those targets. A loss per token depends
+    on how much text a token holds; bits per byte does not, so runs with other tokenizers compare.
+
+    The per-token losses come from the final hidden states, a chunk of rows at a time (as HellaSwag's scorer): one
+    forward pass gives both numbers and the (tokens x vocabulary) logits are never held at once.
+    """
+    raw = getattr(model, "_orig_mod", model)  # per-token losses, which the compiled forward (a mean) does not return
+    nbytes = token_bytes(raw.config.vocab_size).to(device)
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, targets, loss sum over text tokens, bytes
+    keep = {}  # log_softmax_chunks' buffer, from batch to batch
     for x, y in loader.batches():
-        count = int((y >= 0).sum())
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device), y.flatten().to(device)  # y (B*T,): -1 where padded
         with autocast():
-            _, loss = model(x, y)  # the mean over the targets that are not -1 (padding)
-        if count:  # a batch of padding only (mean 0/0) still runs, so that every rank joins every forward pass
-            totals[0] += loss.double() * count
-            totals[1] += count
+            h = raw.hidden_states(x).flatten(0, 1)  # (B*T, C)
+            losses = torch.cat([-logp.gather(1, y[rows, None].clamp(min=0))[:, 0]
+                                for rows, logp, _ in log_softmax_chunks(h, raw.lm_head.weight, keep)]).double()  # (B*T,)
+        counted = (y >= 0).double()  # a batch of padding only still runs, so that every rank joins every forward pass
+        text = nbytes[y.clamp(min=0)].double() * counted  # (B*T,) bytes of each target, 0 for <|endoftext|> and padding
+        totals += torch.stack([(losses * counted).sum(), counted.sum(), (losses * (text > 0)).sum(), text.sum()])
     all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
+    loss_sum, count, text_loss_sum, byte_count = totals.tolist()
+    return loss_sum / count, text_loss_sum / (math.log(2) * byte_count) if byte_count else float("nan")
 
 
 # HellaSwag: pick the most likely of 4 endings for a context. build-nanogpt's recipe: the context tokens, then each

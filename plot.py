@@ -1,11 +1,12 @@
 """
-Draws a training run's log.txt as a PNG: train loss (raw and smoothed), val loss and HellaSwag acc_norm,
-beside the numbers OpenAI's GPT-2 124M and GPT-3 124M reach.
+Draws a training run's log.txt as a PNG: train loss (raw and smoothed), val loss, val bits per byte and HellaSwag
+acc_norm, beside the numbers OpenAI's GPT-2 124M and GPT-3 124M reach.
 
     python plot.py log/log.txt            # writes log/log.png
     python plot.py log/log.txt out.png
 
-gpt2.py redraws log_dir/log.png after each evaluation by calling plot_log.
+gpt2.py redraws log_dir/log.png after each evaluation by calling plot_log, and evaluate.py --log_dir after it
+appends the evaluations of a run's checkpoints.
 """
 
 import os
@@ -25,7 +26,8 @@ SMOOTH_POINTS = 50  # the smoothed train loss averages over 1/50 of the run's st
 
 
 def read_log(path):
-    """{kind: (steps, values)} from lines `<step> <kind> <value>`; kinds are train, val, hella. Other lines are skipped."""
+    """{kind: (steps, values)} from lines `<step> <kind> <value>`, in step order; kinds are train, val, bpb, hella (and
+    evaluate.py's task/metric). Other lines are skipped."""
     series = {}
     with open(path) as f:
         for line in f:
@@ -39,6 +41,10 @@ def read_log(path):
             steps, values = series.setdefault(parts[1], ([], []))
             steps.append(int(parts[0]))
             values.append(value)
+    # evaluate.py --log_dir appends the evaluations of older checkpoints after newer lines
+    for kind, (steps, values) in series.items():
+        order = sorted(range(len(steps)), key=steps.__getitem__)
+        series[kind] = ([steps[i] for i in order], [values[i] for i in order])
     return series
 
 
@@ -63,8 +69,8 @@ def plot_log(log_file, out_file):
     import matplotlib.pyplot as plt
 
     series = read_log(log_file)
-    with_hella = "hella" in series  # a run with --hellaswag_every=0 gets the loss panel alone
-    fig, axes = plt.subplots(1, 2 if with_hella else 1, figsize=(13 if with_hella else 7, 4.8), squeeze=False)
+    panels = ["loss"] + [kind for kind in ("bpb", "hella") if kind in series]  # a run with --hellaswag_every=0 has no hella
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) if len(panels) > 1 else 7, 4.8), squeeze=False)
     ax_loss = axes[0, 0]
     if "train" in series:
         steps, values = series["train"]
@@ -81,8 +87,16 @@ def plot_log(log_file, out_file):
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
 
-    if with_hella:
-        ax_hella = axes[0, 1]
+    if "bpb" in series:
+        ax_bpb = axes[0, panels.index("bpb")]
+        steps, values = series["bpb"]
+        ax_bpb.plot(steps, values, color="tab:orange", marker="o", markersize=3, label=f"val (last {values[-1]:.4f})")
+        ax_bpb.set(xlabel="step", ylabel="bits per byte", title="val bits per byte (any tokenizer)")
+        ax_bpb.legend()
+        ax_bpb.grid(alpha=0.3)
+
+    if "hella" in series:
+        ax_hella = axes[0, panels.index("hella")]
         steps, values = series["hella"]
         ax_hella.plot(steps, values, color="tab:green", marker="o", markersize=3, label=f"ours (last {values[-1]:.4f})")
         ax_hella.axhline(GPT2_HELLASWAG, color="tab:red", linestyle="--", linewidth=1,

@@ -62,7 +62,7 @@ def test_fsdp_equals_one_process_and_checkpoints_move_both_ways(shards, hella_fi
     out_fsdp = run(shards, fsdp, *evals, "--val_tokens=128", "--fsdp=1", ranks=2).stdout
     # the two ranks' val windows together are the one process's four; HellaSwag counts are summed over the ranks
     log_one = read_log(one)
-    assert {kind for _, kind in log_one} == {"train", "val", "hella"}
+    assert {kind for _, kind in log_one} == {"train", "val", "bpb", "hella"}
     assert_logs_close(log_one, read_log(fsdp), atol=1e-5)
     assert_weights_close(final_weights(one)[1], final_weights(fsdp)[1], atol=1e-5)
     samples = lambda out: [line for line in out.splitlines() if line.startswith("sample ")]

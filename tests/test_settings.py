@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from conftest import ROOT, TINY, read_log, run_gpt2
 
 import cli
+import evaluate
 import fineweb
 import gpt2
 import hellaswag
 
-SCRIPTS = {"gpt2": gpt2, "hellaswag": hellaswag, "fineweb": fineweb}
+SCRIPTS = {"gpt2": gpt2, "hellaswag": hellaswag, "fineweb": fineweb, "evaluate": evaluate}
 
 
 # --- settings ---
@@ -48,7 +49,8 @@ def safe_base(tmp_path):
     missing = tmp_path / "missing"
     return {"gpt2": [f"--data_dir={missing}", f"--log_dir={missing}", "--device=cpu", "--hellaswag_every=0"],
             "hellaswag": [f"--checkpoint={missing}.pt", f"--data_file={missing}.jsonl", "--device=cpu"],
-            "fineweb": [f"--data_files={missing}.txt", f"--out_dir={missing}"]}
+            "fineweb": [f"--data_files={missing}.txt", f"--out_dir={missing}"],
+            "evaluate": [f"--checkpoint={missing}.pt", "--device=cpu"]}
 
 
 def run_in_process(script, argv, capsys):

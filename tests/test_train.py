@@ -195,7 +195,7 @@ def test_compile_keeps_validation_hellaswag_and_sampling_working(tmp_path):
     for flag in (0, 1):
         outputs[flag] = run_gpt2(*common, f"--compile={flag}", f"--log_dir={tmp_path / str(flag)}").stdout
     eager, compiled = read_log(tmp_path / "0"), read_log(tmp_path / "1")
-    assert {kind for _, kind in compiled} == {"train", "val", "hella"}
+    assert {kind for _, kind in compiled} == {"train", "val", "bpb", "hella"}
     assert_logs_close(compiled, eager, atol=1e-4)
     samples = lambda out: [line for line in out.splitlines() if line.startswith("sample ")]
     assert len(samples(outputs[1])) == 3 * 2  # at steps 0, 1 and 2
