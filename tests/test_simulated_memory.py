@@ -1,0 +1,52 @@
+"""estimate_memory's per-rank weights, gradients and AdamW state against gpt2.shard_model (FSDP2) at 8 ranks, simulated.
+
+bench/bench_memory.py --run=simulate joins torch's fake process group as one rank of 8, builds the model as fake
+tensors, shards it with the real FSDP2 code, takes one fake step and counts that rank's bytes. The count is FSDP2's,
+not ours, so it can disagree with the estimate.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import gpt2
+
+WORLD = 8
+# every dim 0 divides by 8 except the vocabulary's 100 rows: FSDP2 gives ranks 0-6 13 rows of wte and rank 7 the last 9
+SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    args = [f"--{k}={v}" for k, v in SHAPE.items() if k != "block_size"] + [f"--T={SHAPE['block_size']}"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--run=simulate",
+                           "--model=custom", f"--world_sizes={WORLD}", *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return {row["rank"]: row for row in rows}
+
+
+def test_simulated_fsdp_shards_match_the_estimate(simulated):
+    cfg = gpt2.Config(**SHAPE, fsdp=True)
+    estimate = gpt2.estimate_memory(cfg, WORLD, use_bf16=False, loss_impl="plain")
+    # the whole model, counted here from its parameters, and what FSDP2 allocates per rank for it: dim 0 split with ceil
+    params = list(gpt2.GPT(gpt2.model_config(cfg)).parameters())
+    whole = 4 * sum(p.numel() for p in params)
+    padded = 4 * sum(math.ceil(p.shape[0] / WORLD) * p[0].numel() for p in params)
+    first, last = simulated[0], simulated[WORLD - 1]
+    assert first["weights_padded"] == last["weights_padded"] == padded
+    assert first["weights"] == padded  # the first ranks' shards are full, the last one's is cut
+    assert first["weights"] * (WORLD - 1) + last["weights"] == whole  # every parameter once over the 8 ranks (1-6 as 0)
+    for rank in (first, last):
+        assert rank["gradients"] == rank["weights"]  # float32 gradient shards, the parameters' shapes
+        assert rank["optimizer"] == 2 * rank["weights"]  # AdamW's two moments, float32
+    # the estimate is the unpadded 1/8; FSDP2's rank 0 holds at most one more row of each parameter: within 2% here
+    for part in ("weights", "gradients", "optimizer"):
+        assert first[part] == pytest.approx(estimate[part], rel=0.02), part
+        assert first[part] >= estimate[part]
