@@ -1,39 +1,32 @@
 """estimate_memory's per-rank weights, gradients and AdamW state against gpt2.shard_model (FSDP2) at 8 ranks, simulated.
 
-bench/bench_memory.py --run=simulate joins torch's fake process group as one rank of 8, builds the model as fake
-tensors, shards it with the real FSDP2 code, takes one fake step and counts that rank's bytes. The count is FSDP2's,
-not ours, so it can disagree with the estimate.
+bench/bench_memory.py's simulate_rank (--run=simulate) joins torch's fake process group as one rank of 8, builds the
+model as fake tensors, shards it with the real FSDP2 code, takes one fake step and counts that rank's bytes. The count
+is FSDP2's, not ours, so it can disagree with the estimate. The process group is destroyed before it returns.
 """
 
-import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 from conftest import ROOT
 
 import gpt2
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_memory  # noqa: E402
 
 WORLD = 8
 # every dim 0 divides by 8 except the vocabulary's 100 rows: FSDP2 gives ranks 0-6 13 rows of wte and rank 7 the last 9
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16)
 
 
-@pytest.fixture(scope="module")
-def simulated():
-    args = [f"--{k}={v}" for k, v in SHAPE.items() if k != "block_size"] + [f"--T={SHAPE['block_size']}"]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--run=simulate",
-                           "--model=custom", f"--world_sizes={WORLD}", *args], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return {row["rank"]: row for row in rows}
-
-
-def test_simulated_fsdp_shards_match_the_estimate(simulated):
+def test_simulated_fsdp_shards_match_the_estimate():
     cfg = gpt2.Config(**SHAPE, fsdp=True)
+    simulated = {rank: bench_memory.simulate_rank(cfg, rank, WORLD) for rank in (0, WORLD - 1)}
+    assert not dist.is_initialized()
     estimate = gpt2.estimate_memory(cfg, WORLD, use_bf16=False, loss_impl="plain")
     # the whole model, counted here from its parameters, and what FSDP2 allocates per rank for it: dim 0 split with ceil
     params = list(gpt2.GPT(gpt2.model_config(cfg)).parameters())
