@@ -17,8 +17,8 @@ items); tiktoken must find GPT-2's tokenizer file (set TIKTOKEN_CACHE_DIR where 
             passes when ours is at least 0.97x the baseline (a 3% allowance for timing noise)
   memory    estimate_memory against torch.cuda.max_memory_allocated, 124M and 350M, eager bf16: within 25%
   greedy    KV-cache greedy decoding on CUDA (float32) gives transformers' greedy tokens, on a random GPT-2
-  hellaswag the scorer on CUDA against the CPU's on 50 items: float32 gives the same picks and losses within 1e-4
-            per token; bf16 losses within 0.05 per token and acc_norm within 2 items (near-ties may flip)
+  hellaswag the scorer on CUDA against the CPU's on 50 items: float32 losses within 1e-4 per token, bf16 within
+            0.05; an ending pick may move only where the CPU's two losses are within twice that (a near-tie)
 
 In --device=cpu mode the model is tiny, nothing is compiled, the GPU-only parts (speed, memory) are skipped or run
 at CPU size, and FSDP runs on gloo.
@@ -51,7 +51,7 @@ CHECKS = {  # name: seconds it may take on a GPU (compilation of 124M is about a
     "bf16": 200, "float16": 60, "fsdp": 75, "speed": 150, "memory": 60, "greedy": 40, "hellaswag": 40,
 }
 TOLERANCES = {"bf16": 0.03, "float16": 0.05, "fsdp": 0.03, "resume_gpu": 0.005, "memory": 0.25,
-              "hella_fp32": 1e-4, "hella_bf16": 0.05, "hella_bf16_items": 2}
+              "hella_fp32": 1e-4, "hella_bf16": 0.05}  # relative for the losses and memory; nats per token for HellaSwag
 
 
 @dataclass
@@ -318,13 +318,15 @@ def random_hf_gpt2(setup, path):
 
     shape = dict(n_layer=2, n_head=2, n_embd=64) if setup.tiny else dict(n_layer=12, n_head=12, n_embd=768)
     torch.manual_seed(0)
+    # no end-of-text token: generate() then writes exactly max_new_tokens, as ours does, and never masks one out
     config = GPT2Config(vocab_size=gpt2.GPT2_VOCAB, n_positions=1024, **shape, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0)
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
 
 def check_greedy(setup, reference):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait for the hub
     from transformers import GPT2LMHeadModel
 
     enc = tokenizer()
@@ -340,8 +342,10 @@ def check_greedy(setup, reference):
         ids = torch.tensor([prompt], device=setup.device)
         with torch.no_grad():
             expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                                       min_new_tokens=new, pad_token_id=enc.eot_token)[0, len(prompt):]
+                                       pad_token_id=enc.eot_token)[0, len(prompt):]
         if tokens[0].tolist() != expected.tolist():
+            if len(expected) != new:
+                raise CheckFailed(f"prompt {text!r}: transformers wrote {len(expected)} tokens, not {new}")
             first = next(i for i, (a, b) in enumerate(zip(tokens[0].tolist(), expected.tolist(), strict=True)) if a != b)
             raise CheckFailed(f"prompt {text!r}: our token {first} is {tokens[0, first].item()}, transformers' "
                               f"{expected[first].item()}")
@@ -370,18 +374,27 @@ def check_hellaswag(setup, reference):
             raise CheckFailed(f"{name}: the ending token counts differ from the CPU's")
         scores[name] = (sums, (sums / counts).argmin(1))
     acc_norm = lambda name: (scores[name][1] == labels).float().mean().item()
-    per_token = lambda name: scores[name][0] / cpu_counts
+    per_token = lambda name: scores[name][0] / cpu_counts  # (N, 4)
     diff32 = (per_token("fp32") - per_token("cpu")).abs().max().item()
     diff16 = (per_token("bf16") - per_token("cpu")).abs().max().item()
-    same_acc = torch.equal(scores["fp32"][0].argmin(1), scores["cpu"][0].argmin(1))  # acc's picks
-    flipped = (scores["bf16"][1] != scores["cpu"][1]).sum().item()
+
+    def unexplained(name, tol):
+        """Items whose acc_norm pick moved although the CPU's losses of the two endings are further apart than twice
+        the tolerance (a closer pair, a near-tie, may swap within it)."""
+        cpu_loss, picks, cpu_picks = per_token("cpu"), scores[name][1], scores["cpu"][1]
+        moved = (picks != cpu_picks).nonzero()[:, 0]
+        gaps = (cpu_loss[moved, picks[moved]] - cpu_loss[moved, cpu_picks[moved]]).abs()
+        return len(moved), int((gaps > 2 * tol).sum())
+
+    moved32, bad32 = unexplained("fp32", TOLERANCES["hella_fp32"])
+    moved16, bad16 = unexplained("bf16", TOLERANCES["hella_bf16"])
     text = (f"{len(examples)} items, acc_norm CPU {acc_norm('cpu'):.2f}, {setup.device.type} float32 {acc_norm('fp32'):.2f} "
-            f"(max |diff| {diff32:.1e} per token), bf16 {acc_norm('bf16'):.2f} (max |diff| {diff16:.3f} per token, "
-            f"{flipped} picks differ)")
-    if not same_acc or not torch.equal(scores["fp32"][1], scores["cpu"][1]) or diff32 > TOLERANCES["hella_fp32"]:
-        raise CheckFailed(f"{text}: float32 differs from the CPU's")
-    if diff16 > TOLERANCES["hella_bf16"] or flipped > TOLERANCES["hella_bf16_items"]:
-        raise CheckFailed(f"{text}: bf16 is further from the CPU's than allowed")
+            f"(max |diff| {diff32:.1e} per token, {moved32} picks moved), bf16 {acc_norm('bf16'):.2f} (max |diff| "
+            f"{diff16:.3f} per token, {moved16} picks moved, all near-ties)")
+    if diff32 > TOLERANCES["hella_fp32"] or bad32:
+        raise CheckFailed(f"{text}: float32 differs from the CPU's by more than {TOLERANCES['hella_fp32']:g} per token")
+    if diff16 > TOLERANCES["hella_bf16"] or bad16:
+        raise CheckFailed(f"{text}: bf16 differs from the CPU's by more than {TOLERANCES['hella_bf16']:g} per token")
     return text
 
 
