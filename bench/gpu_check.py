@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,21 @@ def tokenizer():
 # --- gpt2.py runs ---
 
 
+def run_process(cmd, setup, env=None):
+    """Runs cmd to its end or to the check's deadline. It runs in a session of its own, so that at the deadline the
+    whole of it stops, torchrun's workers included, and frees the GPU for the next check."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=setup.left())
+    except (subprocess.TimeoutExpired, CheckFailed):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        script = next(os.path.basename(c) for c in cmd if c.endswith(".py"))
+        raise CheckFailed(f"{script} ran past the check's time budget and was stopped") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def gpt2_args(setup, log_dir, *args, steps=50, checkpoint_every=0):
     """gpt2.py's command line for a check's run; `args` come last, so they override the others. The learning rate is
     constant after its warmup (min_lr = max_lr), so runs of any length share their first steps."""
@@ -164,11 +180,7 @@ def run_gpt2(setup, log_dir, *args, ranks=0, steps=50, checkpoint_every=0):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if setup.tiny:
         env["OMP_NUM_THREADS"] = "1"
-    try:
-        proc = subprocess.run([*launcher, os.path.join(ROOT, "gpt2.py"), *args], capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=setup.left())
-    except subprocess.TimeoutExpired:
-        raise CheckFailed(f"gpt2.py {' '.join(args[-3:])} ran past the check's time budget") from None
+    proc = run_process([*launcher, os.path.join(ROOT, "gpt2.py"), *args], setup, env)
     os.makedirs(log_dir, exist_ok=True)  # gpt2.py may have stopped before making it
     with open(os.path.join(log_dir, "run.out"), "a") as f:
         f.write(proc.stdout + proc.stderr)
@@ -278,11 +290,7 @@ def check_speed(setup, reference):
                 "--grad_accum=1", "--steps=4", "--warmup=1"]
     else:
         args = [f"--B={setup.micro_batch}", "--grad_accum=4", "--steps=20", "--warmup=8"]
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "bench_gpu.py"), *args], capture_output=True,
-                              text=True, timeout=setup.left(), cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        raise CheckFailed("bench_gpu.py ran past the check's time budget") from None
+    proc = run_process([sys.executable, os.path.join(HERE, "bench_gpu.py"), *args], setup)
     if proc.returncode:
         raise CheckFailed(f"bench_gpu.py failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}")
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^(ours|baseline)\s+[\d.]+ ms/step\s+(.*)$", proc.stdout, re.M)}

@@ -64,6 +64,25 @@ def test_a_loss_out_of_tolerance_fails_naming_its_step():
         gpu_check.within("x", {s: v for s, v in close.items() if s < 9}, reference, 0.03, list(range(10)))
 
 
+def test_a_run_past_its_budget_is_stopped_with_its_children(setup, tmp_path):
+    # as torchrun starts gpt2.py workers: a script that starts a child of its own and waits
+    script = tmp_path / "launcher.py"
+    script.write_text("import subprocess, time\nsubprocess.Popen(['sleep', '61.25'])\ntime.sleep(60)\n")
+    start = setup.deadline = time.time() + 1
+    with pytest.raises(gpu_check.CheckFailed, match="launcher.py ran past the check's time budget and was stopped"):
+        gpu_check.run_process([sys.executable, str(script)], setup)
+    assert time.time() - start < 10  # a child left running would hold the output pipe open for its 61 s
+    time.sleep(0.2)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                left += [pid] if f.read() == b"sleep\x0061.25\x00" else []
+        except OSError:
+            pass
+    assert not left  # the child went with its parent
+
+
 def test_greedy_hellaswag_and_the_summary(setup, capsys):
     status = gpu_check.run_checks(setup, ["greedy", "hellaswag", "memory"])
     lines = capsys.readouterr().out.splitlines()
