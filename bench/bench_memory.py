@@ -263,7 +263,8 @@ def table(cfg):
     """Per size and mode, the largest micro batch (T=1024, bf16, loss_impl auto = plain on CUDA) that fits each GPU."""
     import gpt2
 
-    print("| model | mode (8 ranks) | weights, grads, AdamW, gathered | activations per sequence | 24 GB | 40 GB | 80 GB |")
+    print("| model | mode (8 ranks unless said) | weights, grads, AdamW, gathered | activations per sequence | 24 GB | 40 GB "
+          "| 80 GB |")
     print("|---|---|---|---|---|---|---|")
     for name, (n_layer, n_head, n_embd) in SIZES.items():
         for mode, fsdp, recompute in (("DDP", False, False), ("FSDP", True, False), ("FSDP + recompute", True, True)):
