@@ -6,7 +6,8 @@
 
 Each check prints one line, PASS or FAIL (or SKIP, with why) with its figures; a check that fails or runs past its
 time budget does not stop the others (a gpt2.py run is stopped at the budget; greedy and hellaswag, which run in this
-process, are judged by it when they end); the last line is the summary. Nothing is downloaded: the data is made in a
+process, are judged by it when they end); the last line is the summary, and the exit status is 1 if a check
+failed. Nothing is downloaded: the data is made in a
 temporary directory (token shards with a learnable pattern, a random GPT-2 saved by transformers, HellaSwag-format
 items); tiktoken must find GPT-2's tokenizer file (set TIKTOKEN_CACHE_DIR where the machine is offline).
 
@@ -417,7 +418,8 @@ def check_hellaswag(setup, reference):
 
 
 def run_checks(setup, names):
-    """Runs each named check within its budget; prints one line each and the summary; returns {name: status}."""
+    """Runs each named check within its budget; prints one line each and the summary; returns the verdict (PASS or
+    FAIL: a check failed, or the whole took more than TOTAL_BUDGET on a GPU) and {name: PASS, FAIL or SKIP}."""
     reference = Reference()
     functions = {"bf16": check_bf16, "float16": check_float16, "fsdp": check_fsdp, "speed": check_speed,
                  "memory": check_memory, "greedy": check_greedy, "hellaswag": check_hellaswag}
@@ -445,7 +447,7 @@ def run_checks(setup, names):
     verdict = "PASS" if not counts["FAIL"] and (setup.tiny or elapsed <= TOTAL_BUDGET) else "FAIL"
     print(f"gpu_check {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in "
           f"{elapsed:.0f} s (budget {TOTAL_BUDGET} s on a GPU) on {where}, torch {torch.__version__}", flush=True)
-    return status
+    return verdict, status
 
 
 def main(cfg, _):
@@ -468,10 +470,12 @@ def main(cfg, _):
         # 50 steps of the bf16 check read 50 x 16 x 1024 tokens, plus the memory check's first micro-batches
         write_pattern_shards(setup.data_dir, setup.model["vocab_size"], 60_000 if tiny else 2_000_000,
                              10_000 if tiny else 100_000)
-        run_checks(setup, names)
+        verdict, _ = run_checks(setup, names)
     finally:
         if not cfg.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if verdict == "FAIL":
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,9 @@ def test_a_run_past_its_budget_is_stopped_with_its_children(setup, tmp_path):
 
 
 def test_greedy_hellaswag_and_the_summary(setup, capsys):
-    status = gpu_check.run_checks(setup, ["greedy", "hellaswag", "memory"])
+    verdict, status = gpu_check.run_checks(setup, ["greedy", "hellaswag", "memory"])
     lines = capsys.readouterr().out.splitlines()
-    assert status == {"greedy": "PASS", "hellaswag": "PASS", "memory": "SKIP"}, lines
+    assert verdict == "PASS" and status == {"greedy": "PASS", "hellaswag": "PASS", "memory": "SKIP"}, lines
     assert lines[0].startswith("PASS greedy") and "3 prompts x 16 tokens equal to transformers'" in lines[0]
     assert lines[1].startswith("PASS hellaswag") and "12 items" in lines[1]
     assert "0 picks moved" in lines[1] and "0 not near-ties" in lines[1]  # the CPU's float32 twice in this mode
