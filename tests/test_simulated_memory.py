@@ -27,7 +27,7 @@ def test_simulated_fsdp_shards_match_the_estimate():
     cfg = gpt2.Config(**SHAPE, fsdp=True)
     simulated = {rank: bench_memory.simulate_rank(cfg, rank, WORLD) for rank in (0, WORLD - 1)}
     assert not dist.is_initialized()
-    estimate = gpt2.estimate_memory(cfg, WORLD, use_bf16=False, loss_impl="plain")
+    estimate = gpt2.estimate_memory(cfg, WORLD, False, "plain")  # float32 state, as on a GPU
     # the whole model, counted here from its parameters, and what FSDP2 allocates per rank for it: dim 0 split with ceil
     params = list(gpt2.GPT(gpt2.model_config(cfg)).parameters())
     whole = 4 * sum(p.numel() for p in params)
