@@ -4,9 +4,10 @@
 pinned non-blocking copies, one host sync per step), its step times read from its step lines. "baseline" is
 build-nanogpt's train_gpt2.py recipe, written out below as its own small model and loop so that nothing of ours
 flatters it or slows it: its GPT (lm_head, then plain F.cross_entropy on the logits), fused AdamW, TF32,
-torch.compile, bf16 autocast, synchronous host-to-device copies, a device synchronize and the loss read back each
-step. Both train the same shape on the same random tokens, with the same batch per step. Prints tokens/s, step ms,
-MFU against the GPU's dense bf16 peak, and peak memory; the last line is the ratio. Skips (exit 0) without a CUDA GPU.
+torch.compile (as build-nanogpt timed it; its final script leaves compilation off for the sake of its evaluation),
+bf16 autocast, synchronous host-to-device copies, a device synchronize and the loss read back each step. Both train
+the same shape on the same random tokens, with the same batch per step. Prints tokens/s, step ms, MFU against the
+GPU's dense bf16 peak, and peak memory; the last line is the ratio. Skips (exit 0) without a CUDA GPU.
     python bench/bench_gpu.py                     # micro batch 64 (80 GB cards); --B=32 or 16 on smaller ones
     python bench/bench_gpu.py --device=cpu --compile=0 --n_layer=2 --n_head=2 --n_embd=64 --T=64 --B=4 --steps=4 --warmup=1
                                                   # the same comparison on a CPU at a tiny size, to try the code
