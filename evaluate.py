@@ -39,6 +39,7 @@ from gpt2 import (
     GPT2_VOCAB,
     KVCache,
     ValLoader,
+    check_torch_version,
     evaluate_hellaswag,
     evaluate_loss,
     get_tokenizer,
@@ -78,7 +79,7 @@ class Config:
     batch_size: int = 16  # sequences per forward pass
     bootstrap_iters: int = 100000  # the harness's resamples for the stderr of metrics without a formula; 0 = none
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    dtype: str = "auto"  # auto (CUDA: bfloat16, or float16 on GPUs without it; else float32) | float32 | bfloat16 | float16
     output: str = ""  # write the harness's results and configs (no per-sample data) to this JSON file
     # --log_dir only
     data_dir: str = ""  # the val shards; "" = the run's own data_dir
@@ -98,7 +99,7 @@ RULES = {  # what each setting accepts, checked before any work (see cli.check_s
     "batch_size": at_least(1),
     "bootstrap_iters": at_least(0),
     "device": one_of("auto", "cpu", "cuda", "mps"),
-    "dtype": one_of("auto", "float32", "bfloat16"),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "output": ANY,
     "data_dir": ANY,
     "val_tokens": at_least(0),
@@ -380,8 +381,8 @@ def evaluate_model(cfg, d, say):
     if cfg.model:  # its config, then (a download for a hub name) its weights
         check_hf_vocab(cfg.model)
         model = load_hf_model(cfg.model)
-    autocast, use_bf16 = make_autocast(cfg.dtype, d.device)
-    say(f"{cfg.model or cfg.checkpoint} | {', '.join(tasks)} | {d.device} | {'bfloat16' if use_bf16 else 'float32'} | "
+    autocast, dtype = make_autocast(cfg.dtype, d.device)
+    say(f"{cfg.model or cfg.checkpoint} | {', '.join(tasks)} | {d.device} | {str(dtype).removeprefix('torch.')} | "
         f"{d.world_size} rank(s)", flush=True)
     lm = GPTLM(model.to(d.device), d.device, autocast, cfg.batch_size, d.rank, d.world_size, cfg.model or cfg.checkpoint)
     results = run_harness(lm, tasks, manager, cfg)
@@ -515,6 +516,7 @@ def harness_lines(results):
 
 
 def main(cfg, overridden):
+    check_torch_version()
     check_settings(cfg, RULES, RELATIONS)
     if cfg.include_path and not os.path.isdir(cfg.include_path):
         raise UserError(f"--include_path={cfg.include_path}: no such directory; pass a directory of task YAML files")

@@ -1,17 +1,23 @@
-"""GPT-2 124M training throughput on one CUDA GPU: gpt2.py's loop vs build-nanogpt's settings, in one run.
+"""GPT-2 124M training throughput on one CUDA GPU: gpt2.py's loop against build-nanogpt's recipe, on the same tokens.
 
-Both train the same model (T=1024, bf16 autocast, torch.compile, fused AdamW, TF32, vocab 50304) on random tokens
-from memory-mapped shards. "ours" is gpt2.py's own training loop; "baseline" is a plain loop with build-nanogpt's
-habits (synchronous host-to-device copies, a host sync for the loss every micro-step). Prints tokens/s, step ms,
-MFU against the GPU's dense bf16 peak, and peak memory. Skips (exit 0) where there is no CUDA GPU.
+"ours" is `python gpt2.py` itself (bf16 autocast, torch.compile, fused AdamW, TF32, loss_impl auto = plain on CUDA,
+pinned non-blocking copies, one host sync per step), its step times read from its step lines. "baseline" is
+build-nanogpt's train_gpt2.py recipe, written out below as its own small model and loop so that nothing of ours
+flatters it or slows it: its GPT (lm_head, then plain F.cross_entropy on the logits), fused AdamW, TF32,
+torch.compile (as build-nanogpt timed it; its final script leaves compilation off for the sake of its evaluation),
+bf16 autocast, synchronous host-to-device copies, a device synchronize and the loss read back each step. Both train
+the same shape on the same random tokens, with the same batch per step. Prints tokens/s, step ms, MFU against the
+GPU's dense bf16 peak, and peak memory; the last line is the ratio. Skips (exit 0) without a CUDA GPU.
     python bench/bench_gpu.py                     # micro batch 64 (80 GB cards); --B=32 or 16 on smaller ones
+    python bench/bench_gpu.py --device=cpu --compile=0 --n_layer=2 --n_head=2 --n_embd=64 --T=64 --B=4 --steps=4 --warmup=1
+                                                  # the same comparison on a CPU at a tiny size, to try the code
 """
 
-import contextlib
-import io
+import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,8 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
 from machine import describe  # noqa: E402
 
 import gpt2  # noqa: E402
@@ -30,70 +41,202 @@ from cli import run_cli  # noqa: E402
 @dataclass
 class Config:
     B: int = 64  # micro batch
+    T: int = 1024  # sequence length
     grad_accum: int = 2  # micro-steps per optimizer step
-    steps: int = 30  # optimizer steps per loop; the first 10 (compilation, warm-up) are not counted
+    steps: int = 30  # optimizer steps per loop...
+    warmup: int = 10  # ...of which the first are not timed (compilation, allocator warm-up)
+    n_layer: int = 12  # the model (GPT-2 124M, vocabulary padded to 50304 as both recipes do)
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50304
+    device: str = "cuda"  # cuda; cpu only to try the code at a tiny size (float32, no MFU)
+    compile: bool = True  # torch.compile both
 
 
-def ours(cfg, data_dir, log_dir):
-    run = gpt2.Config(data_dir=data_dir, log_dir=log_dir, micro_batch_size=cfg.B, max_steps=cfg.steps,
-                      total_batch_size=cfg.B * 1024 * cfg.grad_accum, val_every=0, hellaswag_every=0,
-                      sample_every=0, checkpoint_every=0, device="cuda")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        gpt2.train(run, set())
-    dts = [float(m.group(1)) for m in re.finditer(r"dt\s+([\d.]+)ms", out.getvalue())]
-    return statistics.median(dts[10:]) / 1e3
+# --- the baseline: build-nanogpt's model and training step, self-contained ---
 
 
-def baseline(cfg, data_dir):
-    device = torch.device("cuda")
+class NanoSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, n_layer):
+        super().__init__()
+        self.n_head, self.n_embd = n_head, n_embd
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.c_proj.init_std = 0.02 * (2 * n_layer) ** -0.5  # residual projections, scaled as GPT-2
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, n_embd, n_head, n_layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = NanoSelfAttention(n_embd, n_head, n_layer)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(n_embd, 4 * n_embd), c_proj=nn.Linear(4 * n_embd, n_embd)))
+        self.mlp.c_proj.init_std = 0.02 * (2 * n_layer) ** -0.5
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        h = self.ln_2(x)
+        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(h), approximate="tanh"))
+
+
+class NanoGPT(nn.Module):
+    """build-nanogpt's GPT: the same parameters, names and initialisation as GPT-2 (and as gpt2.GPT), and the loss
+    its way: the whole (B, T, vocab) logits, then F.cross_entropy."""
+
+    def __init__(self, block_size, vocab_size, n_layer, n_head, n_embd):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList([NanoBlock(n_embd, n_head, n_layer) for _ in range(n_layer)]),
+            ln_f=nn.LayerNorm(n_embd),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", 0.02))
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets):
+        T = idx.size(1)
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
+
+
+class NanoLoader:
+    """build-nanogpt's loader: a whole shard as an int64 tensor on the host, read B*T+1 tokens at a time."""
+
+    def __init__(self, path, B, T):
+        self.tokens = torch.tensor(np.load(path).astype(np.int32), dtype=torch.long)
+        self.B, self.T, self.pos = B, T, 0
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self.tokens[self.pos:self.pos + B * T + 1]
+        self.pos += B * T
+        if self.pos + B * T + 1 > len(self.tokens):
+            self.pos = 0
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+
+def nanogpt_lr(step, max_lr=6e-4, warmup=715, max_steps=19073):
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min((step - warmup) / (max_steps - warmup), 1.0)
+    return 0.1 * max_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * 0.9 * max_lr
+
+
+def baseline(cfg, train_file):
+    """build-nanogpt's training loop for cfg.steps steps: (seconds per step, loss per step)."""
+    device = torch.device(cfg.device)
     torch.manual_seed(1337)
-    model = gpt2.GPT(gpt2.GPTConfig(vocab_size=50304)).to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cuda")
-    model = torch.compile(model)
-    loader = gpt2.DataLoaderLite(data_dir, "train", cfg.B, 1024)
-    dts = []
-    for _ in range(cfg.steps):
+    torch.set_float32_matmul_precision("high")  # TF32
+    model = NanoGPT(cfg.T, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, device.type)
+    if cfg.compile:
+        model = torch.compile(model)
+    loader = NanoLoader(train_file, cfg.B, cfg.T)
+    use_bf16 = device.type == "cuda"
+    dts, losses = [], []
+    for step in range(cfg.steps):
         t0 = time.time()
         optimizer.zero_grad()
         loss_accum = 0.0
         for _ in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device), y.to(device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 _, loss = model(x, y)
             loss = loss / cfg.grad_accum
-            loss_accum += loss.detach().item()
+            loss_accum += loss.detach()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = nanogpt_lr(step)
         optimizer.step()
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         dts.append(time.time() - t0)
-    return statistics.median(dts[10:])
+        losses.append(loss_accum.item())  # build-nanogpt prints it every step
+    return dts, losses
+
+
+# --- ours: gpt2.py as a user runs it ---
+
+
+def ours(cfg, data_dir, log_dir):
+    """gpt2.py for cfg.steps steps in its own process: (seconds per step, peak memory in GB or None)."""
+    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, block_size=cfg.T)
+    args = [f"--{k}={v}" for k, v in shape.items()] + [
+        f"--data_dir={data_dir}", f"--log_dir={log_dir}", f"--micro_batch_size={cfg.B}", f"--max_steps={cfg.steps}",
+        f"--total_batch_size={cfg.B * cfg.T * cfg.grad_accum}", "--val_every=0", "--hellaswag_every=0",
+        "--sample_every=0", "--checkpoint_every=0", f"--device={cfg.device}", f"--compile={int(cfg.compile)}"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"gpt2.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    dts = [float(m.group(1)) / 1e3 for m in re.finditer(r"dt\s+([\d.]+)ms", proc.stdout)]
+    mems = [float(m.group(1)) for m in re.finditer(r"mem\s+([\d.]+)GB", proc.stdout)]
+    return dts, max(mems) if mems else None
+
+
+def write_tokens(data_dir, train_tokens, vocab=50257, seed=0):
+    """Random tokens as fineweb.py's shards (one train, one val); returns the train shard's path."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("val", 100_000), ("train", train_tokens)):
+        np.save(os.path.join(data_dir, f"bench_{split}_000000.npy"), rng.integers(0, vocab, n, dtype=np.uint16))
+    return os.path.join(data_dir, "bench_train_000000.npy")
 
 
 def main(cfg, _):
-    if not torch.cuda.is_available():
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA GPU here, skipped")
         return
-    torch.set_float32_matmul_precision("high")
-    peak = gpt2.peak_flops(torch.device("cuda"))
-    flops_per_token = gpt2.GPT(gpt2.GPTConfig(vocab_size=50304)).flops_per_token(1024)
-    tokens = cfg.B * 1024 * cfg.grad_accum
-    print(describe(torch.device("cuda")))
-    print(f"GPT-2 124M, T=1024, micro batch {cfg.B} x {cfg.grad_accum} micro-steps")
+    if cfg.steps <= cfg.warmup:
+        raise gpt2.UserError(f"--steps={cfg.steps} leaves nothing to time after --warmup={cfg.warmup}: "
+                             f"pass --steps={cfg.warmup + 10}")
+    peak = gpt2.peak_flops(device)
+    flops_per_token = gpt2.GPT(gpt2.GPTConfig(block_size=cfg.T, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                                              n_head=cfg.n_head, n_embd=cfg.n_embd)).flops_per_token(cfg.T)
+    tokens = cfg.B * cfg.T * cfg.grad_accum
+    print(describe(device))
+    print(f"{cfg.n_layer} layers, {cfg.n_embd} wide, T={cfg.T}, micro batch {cfg.B} x {cfg.grad_accum} micro-steps "
+          f"= {tokens} tokens per step, {cfg.steps} steps, the first {cfg.warmup} not timed")
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        for split, n in (("val", 2_000_000), ("train", 50_000_000)):
-            np.save(os.path.join(tmp, f"bench_{split}_000000.npy"), rng.integers(0, 50257, n, dtype=np.uint16))
+        # enough tokens that neither loop reads any twice
+        train_file = write_tokens(tmp, tokens * cfg.steps + cfg.B * cfg.T + 1, vocab=min(cfg.vocab_size, 50257))
         results = {}
-        for label, run in (("ours", lambda: ours(cfg, tmp, os.path.join(tmp, "log"))), ("baseline", lambda: baseline(cfg, tmp))):
+        our_dts, our_mem = ours(cfg, tmp, os.path.join(tmp, "log"))
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            dt = run()
-            mfu = f"{100 * flops_per_token * tokens / dt / peak:.1f}%" if peak else "-"
+        base_dts, _ = baseline(cfg, train_file)
+        base_mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        for label, dts, mem in (("ours", our_dts, our_mem), ("baseline", base_dts, base_mem)):
+            dt = statistics.median(dts[cfg.warmup:])
             results[label] = dt
+            mfu = f"{100 * flops_per_token * tokens / dt / peak:.1f}%" if peak else "-"
             print(f"{label:9s} {1e3 * dt:8.1f} ms/step  {tokens / dt:10.0f} tokens/s  MFU {mfu:>6s}  "
-                  f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+                  f"peak memory {f'{mem:.1f} GB' if mem is not None else '-'}")
     print(f"ours / baseline: {results['baseline'] / results['ours']:.2f}x")
 
 

@@ -4,6 +4,7 @@
     python bench/bench_memory.py --run=large      # GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks
     python bench/bench_memory.py --run=resume     # GPT-2 medium's shape on 2 FSDP ranks: host memory of a resume vs training
     python bench/bench_memory.py --run=table      # the README's table of estimates (GPT-2 sizes x 8 ranks x GPUs)
+    python bench/bench_memory.py --run=simulate   # GPT-2 1.5B sharded by the real FSDP2 code over 8 and 64 fake ranks
 
 `compare` starts each setting as its own 2-rank torchrun of this file, which measures its resident memory (RSS,
 what the CPU's "GPU memory" is here) at each phase: after the model and optimizer are built, after the first
@@ -13,6 +14,10 @@ adds (activations, and under FSDP the gathered units). Every figure is above the
 pass (torch.autograd.graph.saved_tensors_hooks, weights left out). `large` runs gpt2.py itself
 and reads each rank's peak RSS from /proc while it trains; DDP is not run at that size (it would not fit two ranks
 in 24 GB) but estimated. gpt2.py's own estimate (estimate_memory, printed at the start of a run) is shown beside.
+`simulate` runs gpt2.shard_model (the real FSDP2 code) at world sizes this machine has no ranks for: one process
+joins torch's fake process group as one rank, builds the model as fake tensors (FakeTensorMode: shapes, no memory),
+shards it, takes one fake forward, backward and AdamW step, and counts that rank's bytes of weights, gradients and
+optimizer state, for the first and the last rank, against estimate_memory's.
 """
 
 import ctypes
@@ -38,7 +43,7 @@ SIZES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), 
 
 @dataclass
 class Config:
-    run: str = "compare"  # compare | large | resume | table
+    run: str = "compare"  # compare | large | resume | table | simulate
     n_layer: int = 24  # compare: the model shape (GPT-2 medium)
     n_head: int = 16
     n_embd: int = 1024
@@ -48,6 +53,8 @@ class Config:
     steps: int = 2  # compare: optimizer steps; the state is measured after the first, the peak over the others
     settings: str = "ddp,fsdp,fsdp_recompute"  # compare: which of them to run
     setting: str = ""  # internal: the one setting a torchrun worker measures (ddp | fsdp | fsdp_recompute)
+    model: str = "1.5B"  # simulate: 124M | 350M | 774M | 1.5B, or custom (n_layer, n_head, n_embd above; T as block_size)
+    world_sizes: str = "8,64"  # simulate: the simulated numbers of ranks
 
 
 def rss(field="VmRSS", pid="self"):
@@ -294,28 +301,127 @@ def read_log(log_dir):
         return {int(step): float(value) for step, kind, value in (line.split() for line in f) if kind == "train"}
 
 
+def largest_micro_batches(run_cfg, world_size, state=None):
+    """The largest micro batch (T=1024, bf16, plain loss) whose estimate fits 24, 40 and 80 GB ("-": not one sequence).
+    state: bytes of weights + gradients + AdamW per rank to use instead of the estimate's (a simulated count)."""
+    import gpt2
+
+    def total(b):
+        e = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=b), world_size, gpt2.torch.bfloat16, "plain")
+        return e["total"] if state is None else e["total"] - e["weights"] - e["gradients"] - e["optimizer"] + state
+
+    fits = []
+    for budget in (24, 40, 80):
+        best = 0
+        for b in range(1, 257):
+            if total(b) > budget * GB:
+                break
+            best = b
+        fits.append(str(best) if best else "-")
+    return fits
+
+
+def table_row(name, mode, run_cfg, world_size, state=None):
+    """One row of the README's table: model, mode, state per rank, activations per sequence, the micro batches that fit."""
+    import gpt2
+
+    one = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=1), world_size, gpt2.torch.bfloat16, "plain")
+    held = (one["weights"] + one["gradients"] + one["optimizer"] if state is None else state) + one["gathered"]
+    fits = largest_micro_batches(run_cfg, world_size, state)
+    return f"| {name} | {mode} | {held / GB:.1f} GB | {one['activations'] / GB:.2f} GB | {' | '.join(fits)} |"
+
+
 def table(cfg):
     """Per size and mode, the largest micro batch (T=1024, bf16, loss_impl auto = plain on CUDA) that fits each GPU."""
     import gpt2
 
-    bf16 = gpt2.torch.bfloat16
-    print("| model | mode (8 ranks) | weights, grads, AdamW, gathered | activations per sequence | 24 GB | 40 GB | 80 GB |")
+    print("| model | mode (8 ranks unless said) | weights, grads, AdamW, gathered | activations per sequence | 24 GB | 40 GB "
+          "| 80 GB |")
     print("|---|---|---|---|---|---|---|")
     for name, (n_layer, n_head, n_embd) in SIZES.items():
-        for mode, fsdp, recompute in (("DDP", False, False), ("FSDP", True, False), ("FSDP + recompute", True, True)):
+        for mode, fsdp, recompute in (("DDP", False, False), ("DDP + recompute", False, True), ("FSDP", True, False),
+                                      ("FSDP + recompute", True, True)):
             run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, fsdp=fsdp,
                                   activation_checkpointing=recompute)
-            fits = []
-            for budget in (24, 40, 80):
-                best = 0
-                for b in range(1, 257):
-                    if gpt2.estimate_memory(replace(run_cfg, micro_batch_size=b), 8, bf16, "plain")["total"] > budget * GB:
-                        break
-                    best = b
-                fits.append(str(best) if best else "-")
-            one = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=1), 8, bf16, "plain")
-            state = one["weights"] + one["gradients"] + one["optimizer"] + one["gathered"]
-            print(f"| {name} | {mode} | {state / GB:.1f} GB | {one['activations'] / GB:.2f} GB | {' | '.join(fits)} |")
+            print(table_row(name, mode, run_cfg, 8))
+
+
+def simulate_rank(run_cfg, rank, world_size):
+    """One rank of gpt2.py's FSDP2 sharding at world_size, with no memory behind it: {part: bytes on this rank}.
+
+    The fake process group answers every collective at once; FakeTensorMode gives tensors shapes and dtypes only.
+    The device mesh is made outside the fake mode (it reads real rank numbers), so the model is built under it,
+    sharded outside it, and the step runs under it again. FSDP2 splits dim 0 of every parameter with ceil and pads
+    the last shards: "weights_padded" is the storage this rank allocates, the other parts its local shards' sizes."""
+    import torch
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import gpt2
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        fake = FakeTensorMode()
+        with fake:
+            model = gpt2.GPT(gpt2.model_config(run_cfg))
+        gpt2.shard_model(model, gpt2.Dist(rank, rank, world_size, torch.device("cpu")))
+        with fake:
+            optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
+            model.loss_impl = "plain"
+            x = torch.randint(0, run_cfg.vocab_size, (1, run_cfg.block_size))
+            _, loss = model(x, x)
+            loss.backward()
+            gpt2.clip_gradients(model, 1.0)
+            optimizer.step()
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+        nbytes = lambda t: local(t).numel() * local(t).element_size()
+        padded = 0
+        for module in model.modules():
+            state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+            group = state._fsdp_param_group if state else None  # FSDP2's own record of the unit's padded shards
+            padded += sum(p._sharded_param_data.numel() * p._sharded_param_data.element_size()
+                          for p in (group.fsdp_params if group else []))
+        params = list(model.parameters())
+        return {"weights": sum(nbytes(p) for p in params), "weights_padded": padded,
+                "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None),
+                "optimizer": sum(nbytes(v) for s in optimizer.state.values() for k, v in s.items() if k != "step"),
+                "step_counts": sum(nbytes(s["step"]) for s in optimizer.state.values())}
+    finally:
+        dist.destroy_process_group()
+
+
+def simulate(cfg):
+    """Per simulated rank: FSDP2's bytes of weights, gradients and AdamW state against estimate_memory's."""
+    import gpt2
+
+    n_layer, n_head, n_embd = (cfg.n_layer, cfg.n_head, cfg.n_embd) if cfg.model == "custom" else SIZES[cfg.model]
+    block_size = cfg.T if cfg.model == "custom" else 1024
+    run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=cfg.vocab_size,
+                          block_size=block_size, fsdp=True)
+    print(f"GPT-2 {cfg.model} ({n_layer} layers, {n_embd} wide, vocab {cfg.vocab_size}, T={block_size}) sharded by "
+          f"gpt2.shard_model (FSDP2) in torch's fake process group, one fake step; float32 (no bf16 policy on a CPU mesh)")
+    print(f"{'ranks':>5} {'rank':>4} {'weights':>9} {'(padded)':>9} {'gradients':>9} {'AdamW':>9} | {'estimate:':>9} "
+          f"{'weights':>9} {'gradients':>9} {'AdamW':>9} | simulated / estimate (GB)")
+    results = []
+    for world_size in (int(w) for w in cfg.world_sizes.split(",")):
+        estimate = gpt2.estimate_memory(run_cfg, world_size, gpt2.torch.float32, "plain")
+        for rank in sorted({0, world_size - 1}):
+            r = simulate_rank(run_cfg, rank, world_size)
+            ratios = {k: r[k] / estimate[k] for k in ("weights", "gradients", "optimizer")}
+            print(f"{world_size:5d} {rank:4d} {r['weights'] / GB:9.3f} {r['weights_padded'] / GB:9.3f} "
+                  f"{r['gradients'] / GB:9.3f} {r['optimizer'] / GB:9.3f} | {'':9} {estimate['weights'] / GB:9.3f} "
+                  f"{estimate['gradients'] / GB:9.3f} {estimate['optimizer'] / GB:9.3f} | "
+                  + " ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
+            results.append({"world_size": world_size, "rank": rank, **r,
+                            "estimate": {k: estimate[k] for k in ("weights", "gradients", "optimizer")}})
+    print("\nrows for the README's table (bf16, T=1024; weights, gradients and AdamW as simulated, the rest estimated):")
+    for world_size in sorted({r["world_size"] for r in results}):
+        state = max(r["weights_padded"] + r["gradients"] + r["optimizer"] for r in results if r["world_size"] == world_size)
+        for mode, recompute in (("FSDP", False), ("FSDP + recompute", True)):
+            row_cfg = replace(run_cfg, activation_checkpointing=recompute)
+            print(table_row(cfg.model, f"{mode}, {world_size} ranks, simulated", row_cfg, world_size, state))
+    print("RESULT " + json.dumps(results))
 
 
 def main(cfg, _):
@@ -324,7 +430,7 @@ def main(cfg, _):
     from machine import describe
 
     print(describe())
-    {"compare": compare, "large": large, "resume": resume, "table": table}[cfg.run](cfg)
+    {"compare": compare, "large": large, "resume": resume, "table": table, "simulate": simulate}[cfg.run](cfg)
 
 
 if __name__ == "__main__":

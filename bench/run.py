@@ -36,6 +36,7 @@ SUITE = [
     ("memory: activations kept, recompute 0 / 1", ["bench_memory.py"], r"saved for backward ([\d.]+)x", 3),
     ("gpu: 124M MFU % (ours)", ["bench_gpu.py"], r"ours .*MFU\s+([\d.]+)%", 50),
     ("gpu: ours vs build-nanogpt", ["bench_gpu.py"], r"ours / baseline: ([\d.]+)x", 1.1),
+    ("gpu: acceptance checks passed, of 7", ["gpu_check.py"], r"gpu_check \w+: (\d+) passed", 7),
 ]
 
 

@@ -1,0 +1,482 @@
+"""The GPU acceptance check: on one CUDA GPU, in under 8 minutes, what the CPU test suite cannot show.
+
+    python bench/gpu_check.py                        # every check, on the CUDA GPU (without one: one line, exit 0)
+    python bench/gpu_check.py --only=greedy,memory   # some of them
+    python bench/gpu_check.py --device=cpu           # the same checks at a tiny size on the CPU, to try this script
+
+Each check prints one line, PASS or FAIL (or SKIP, with why) with its figures; a check that fails or runs past its
+time budget does not stop the others (a gpt2.py run is stopped at the budget; greedy and hellaswag, which run in this
+process, are judged by it when they end); the last line is the summary, and the exit status is 1 if a check
+failed. Nothing is downloaded: the data is made in a
+temporary directory (token shards with a learnable pattern, a random GPT-2 saved by transformers, HellaSwag-format
+items); tiktoken must find GPT-2's tokenizer file (set TIKTOKEN_CACHE_DIR where the machine is offline).
+
+  bf16      gpt2.py, compiled, bf16: its first 50 losses within 3% of float32 eager's (TF32 matmuls, as gpt2.py
+            runs float32 on CUDA); stopped at step 25 and resumed, the same losses within 0.5% (CPU: bitwise)
+  float16   --dtype=float16 (autocast and GradScaler), eager, 20 steps: finite, within 5% of float32's; resumed as above
+  fsdp      a 1-rank NCCL torchrun with --fsdp=1, bf16, eager, 20 steps: within 3% of float32's; resumed as above
+  speed     tokens/s and MFU of gpt2.py against build-nanogpt's recipe (bench/bench_gpu.py, the one baseline):
+            passes when ours is at least 0.97x the baseline (a 3% allowance for timing noise)
+  memory    estimate_memory against torch.cuda.max_memory_allocated, 124M and 350M, eager bf16: within 25%
+  greedy    KV-cache greedy decoding on CUDA (float32) gives transformers' greedy tokens, on a random GPT-2
+  hellaswag the scorer on CUDA against the CPU's on 50 items: float32 losses within 1e-4 per token, bf16 within
+            0.05; an ending pick may move only where the CPU's two losses are within twice that (a near-tie)
+
+In --device=cpu mode the model is tiny, nothing is compiled, the GPU-only parts (speed, memory) are skipped or run
+at CPU size, and FSDP runs on gloo.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+import gpt2  # noqa: E402
+from cli import run_cli  # noqa: E402
+
+TOTAL_BUDGET = 480  # seconds: the whole check on an H100
+CHECKS = {  # name: seconds it may take on a GPU (compilation of 124M is about a minute); the CPU mode runs in seconds
+    "bf16": 200, "float16": 60, "fsdp": 75, "speed": 150, "memory": 60, "greedy": 40, "hellaswag": 40,
+}
+TOLERANCES = {"bf16": 0.03, "float16": 0.05, "fsdp": 0.03, "resume_gpu": 0.005, "memory": 0.25,
+              "hella_fp32": 1e-4, "hella_bf16": 0.05}  # relative for the losses and memory; nats per token for HellaSwag
+
+
+@dataclass
+class Config:
+    device: str = "auto"  # auto (the CUDA GPU, else nothing to do) | cuda | cpu (tiny shapes, to try the checks)
+    only: str = ""  # comma-separated check names (bf16, float16, fsdp, speed, memory, greedy, hellaswag); "" = all
+    keep: str = ""  # a directory to keep the runs' logs in; "" = a temporary one, removed at the end
+
+
+class CheckFailed(Exception):
+    """A check's one-line reason for FAIL."""
+
+
+class Skip(Exception):
+    """A check that cannot run here, with why."""
+
+
+@dataclass
+class Setup:
+    """What every check gets: where it runs, at which size, and until when."""
+    device: torch.device
+    work: str  # a directory for data and logs
+    data_dir: str
+    tiny: bool  # the CPU mode's shapes
+    deadline: float = 0.0  # time.time() by which the current check must end
+    kept: bool = False  # work stays after the run (--keep)
+
+    @property
+    def model(self):  # the shape the training checks run at
+        if self.tiny:
+            return dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=512)
+        return dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+
+    @property
+    def micro_batch(self):
+        return 4 if self.tiny else 16
+
+    def left(self):
+        if time.time() > self.deadline:
+            raise CheckFailed("ran past its time budget")
+        return self.deadline - time.time()
+
+
+# --- data the checks make for themselves ---
+
+
+def write_pattern_shards(data_dir, vocab, n_train, n_val, seed=0):
+    """Token shards with something to learn: each token is 7 x the previous plus 0-3, mod a 4096-token (or smaller)
+    alphabet, so the loss falls from ln(vocab) towards ln(4) within tens of steps and the runs' curves are worth
+    comparing (random tokens would sit at ln(vocab) from the start)."""
+    os.makedirs(data_dir, exist_ok=True)
+    alphabet = min(vocab, 4096)
+    rng = np.random.default_rng(seed)
+    for split, n in (("val", n_val), ("train", n_train)):
+        tokens = [int(rng.integers(0, alphabet))]
+        for step in rng.integers(0, 4, n - 1).tolist():  # plain Python ints: two million tokens in about a second
+            tokens.append((7 * tokens[-1] + step) % alphabet)
+        np.save(os.path.join(data_dir, f"check_{split}_000000.npy"), np.array(tokens, dtype=np.uint16))
+
+
+WORDS = ("the man woman dog car house water fire snow window table chair runs walks opens closes takes puts "
+         "gives looks finds keeps red small old new quickly slowly then after before with under over into").split()
+
+
+def write_hellaswag_items(path, n, seed=0):
+    """n examples in HellaSwag's val jsonl format (the fields hellaswag_val.jsonl has), made of plain words."""
+    rng = np.random.default_rng(seed)
+    sentence = lambda k: " ".join(rng.choice(WORDS, k)).capitalize()
+    with open(path, "w") as f:
+        for i in range(n):
+            ctx_a, ctx_b = sentence(int(rng.integers(8, 30))) + ".", str(rng.choice(WORDS))
+            row = {"ind": i, "activity_label": sentence(2), "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
+                   "split": "val", "split_type": "indomain", "label": int(rng.integers(0, 4)),
+                   "endings": [sentence(int(rng.integers(3, 20))) + "." for _ in range(4)], "source_id": f"check~{i}"}
+            gpt2.check_hellaswag_row(row)
+            f.write(json.dumps(row) + "\n")
+
+
+def tokenizer():
+    """tiktoken's GPT-2 encoding, or a CheckFailed that says how to give it its file."""
+    try:
+        return gpt2.get_tokenizer()
+    except Exception as e:
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
+        raise CheckFailed(f"tiktoken cannot load GPT-2's tokenizer ({type(e).__name__}; TIKTOKEN_CACHE_DIR={cache}): "
+                          f"copy its cache from a machine with network and set TIKTOKEN_CACHE_DIR") from None
+
+
+# --- gpt2.py runs ---
+
+
+def run_process(cmd, setup, env=None):
+    """Runs cmd to its end or to the check's deadline. It runs in a session of its own, so that at the deadline the
+    whole of it stops, torchrun's workers included, and frees the GPU for the next check."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=setup.left())
+    except (subprocess.TimeoutExpired, CheckFailed):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        script = next(os.path.basename(c) for c in cmd if c.endswith(".py"))
+        raise CheckFailed(f"{script} ran past the check's time budget and was stopped") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def gpt2_args(setup, log_dir, *args, steps=50, checkpoint_every=0):
+    """gpt2.py's command line for a check's run; `args` come last, so they override the others. The learning rate is
+    constant after its warmup (min_lr = max_lr), so runs of any length share their first steps."""
+    shape = [f"--{k}={v}" for k, v in setup.model.items()]
+    batch = setup.micro_batch * setup.model["block_size"]
+    return [*shape, f"--data_dir={setup.data_dir}", f"--log_dir={log_dir}", f"--micro_batch_size={setup.micro_batch}",
+            f"--total_batch_size={batch}", f"--max_steps={steps}", "--warmup_steps=10", "--max_lr=6e-4", "--min_lr=6e-4",
+            "--val_every=0", "--hellaswag_every=0", "--sample_every=0", f"--checkpoint_every={checkpoint_every}",
+            f"--device={setup.device.type}", *args]
+
+
+def run_gpt2(setup, log_dir, *args, ranks=0, steps=50, checkpoint_every=0):
+    """python gpt2.py (under torchrun with `ranks` ranks if asked) on the check's data: {step: train loss} and stdout."""
+    args = gpt2_args(setup, log_dir, *args, steps=steps, checkpoint_every=checkpoint_every)
+    launcher = [sys.executable]
+    if ranks:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if setup.tiny:
+        env["OMP_NUM_THREADS"] = "1"
+    proc = run_process([*launcher, os.path.join(ROOT, "gpt2.py"), *args], setup, env)
+    os.makedirs(log_dir, exist_ok=True)  # gpt2.py may have stopped before making it
+    with open(os.path.join(log_dir, "run.out"), "a") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        error = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(error) if line.startswith(("error:", "torch.", "RuntimeError"))),
+                      error[-1] if error else "no output")
+        where = f"{log_dir}/run.out" if setup.kept else "run.out with --keep=DIR"
+        raise CheckFailed(f"gpt2.py failed (exit {proc.returncode}): {reason[:300]}; its output in {where}")
+    return read_train_losses(log_dir), proc.stdout
+
+
+def read_train_losses(log_dir):
+    losses = {}
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for line in f:
+            step, kind, value = line.split()
+            if kind == "train":
+                losses[int(step)] = float(value)
+    return losses
+
+
+def compare_losses(ours, reference, rtol, steps):
+    """(worst relative difference, mean absolute difference) over steps; CheckFailed when a step is missing or not finite."""
+    missing = [s for s in steps if s not in ours or s not in reference]
+    if missing:
+        raise CheckFailed(f"no train loss logged for steps {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    bad = [s for s in steps if not math.isfinite(ours[s])]
+    if bad:
+        raise CheckFailed(f"non-finite loss at steps {bad[:5]}")
+    rel = [abs(ours[s] - reference[s]) / abs(reference[s]) for s in steps]
+    worst = max(range(len(rel)), key=rel.__getitem__)
+    mean_abs = sum(abs(ours[s] - reference[s]) for s in steps) / len(steps)
+    return rel[worst], steps[worst], mean_abs
+
+
+def within(name, ours, reference, rtol, steps):
+    """One comparison as words; CheckFailed naming the worst step when it is out of tolerance."""
+    worst, step, mean_abs = compare_losses(ours, reference, rtol, steps)
+    text = (f"{name}: worst {100 * worst:.2f}% (step {step}: {ours[step]:.4f} vs {reference[step]:.4f}), "
+            f"mean |diff| {mean_abs:.4f}")
+    if worst > rtol:
+        raise CheckFailed(f"{text}, over the {100 * rtol:g}% allowed")
+    return text
+
+
+class Reference:
+    """The float32 eager run the others are compared with, made once, by the first check that asks for it."""
+
+    def __init__(self, steps=50):
+        self.steps, self.losses = steps, None
+
+    def __call__(self, setup):
+        if self.losses is None:
+            log_dir = os.path.join(setup.work, "fp32_eager")
+            self.losses, _ = run_gpt2(setup, log_dir, "--dtype=float32", "--compile=0", steps=self.steps)
+        return self.losses
+
+
+def train_and_resume(setup, name, args, steps, rtol, reference, ranks=0):
+    """A run of `steps` with a checkpoint halfway, compared with the float32 reference; then the second half again from
+    that checkpoint, compared with the first run's (bitwise on a CPU, within resume_gpu on a GPU)."""
+    log_dir = os.path.join(setup.work, name)
+    half = steps // 2
+    losses, _ = run_gpt2(setup, log_dir, *args, ranks=ranks, steps=steps, checkpoint_every=half)
+    figures = [within(f"{steps} losses vs float32 eager", losses, reference(setup), rtol, list(range(steps)))]
+    resumed = log_dir + "_resumed"  # the run as it was when stopped halfway: its log and the checkpoint there
+    os.makedirs(resumed)
+    for path in (os.path.join(log_dir, "log.txt"), gpt2.checkpoint_path(log_dir, half)):
+        shutil.copy(path, resumed)
+    again, out = run_gpt2(setup, resumed, *args, "--init_from=resume", ranks=ranks, steps=steps, checkpoint_every=half)
+    if f"(step {half})" not in out:
+        raise CheckFailed(f"the resumed run did not start from step {half}: {out.strip()[-300:]}")
+    second = list(range(half, steps))
+    if setup.device.type == "cpu":
+        differ = [s for s in second if again.get(s) != losses[s]]
+        if differ:
+            raise CheckFailed(f"resumed at step {half}: losses differ from the uninterrupted run's at steps {differ[:5]} "
+                              f"(bitwise expected on a CPU)")
+        figures.append(f"resumed at step {half}: {len(second)} losses bitwise equal")
+    else:
+        figures.append(within(f"resumed at step {half}", again, losses, TOLERANCES["resume_gpu"], second))
+    return "; ".join(figures)
+
+
+# --- the checks ---
+
+
+def check_bf16(setup, reference):
+    compiled = "--compile=0" if setup.tiny else "--compile=1"
+    return train_and_resume(setup, "bf16", ["--dtype=bfloat16", compiled], 50, TOLERANCES["bf16"], reference)
+
+
+def check_float16(setup, reference):
+    return train_and_resume(setup, "float16", ["--dtype=float16", "--compile=0"], 20, TOLERANCES["float16"], reference)
+
+
+def check_fsdp(setup, reference):
+    return train_and_resume(setup, "fsdp", ["--fsdp=1", "--compile=0"], 20, TOLERANCES["fsdp"], reference, ranks=1)
+
+
+def check_speed(setup, reference):
+    """bench_gpu.py's comparison (gpt2.py against build-nanogpt's recipe) at the bf16 check's micro batch, whose
+    compiled graphs the cache may already hold."""
+    if setup.tiny:
+        args = ["--device=cpu", "--compile=0", "--n_layer=2", "--n_head=2", "--n_embd=32", "--T=32", "--B=4",
+                "--grad_accum=1", "--steps=4", "--warmup=1"]
+    else:
+        args = [f"--B={setup.micro_batch}", "--grad_accum=4", "--steps=20", "--warmup=8"]
+    proc = run_process([sys.executable, os.path.join(HERE, "bench_gpu.py"), *args], setup)
+    if proc.returncode:
+        raise CheckFailed(f"bench_gpu.py failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}")
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^(ours|baseline)\s+[\d.]+ ms/step\s+(.*)$", proc.stdout, re.M)}
+    ratio = re.search(r"ours / baseline: ([\d.]+)x", proc.stdout)
+    if len(rows) != 2 or not ratio:
+        raise CheckFailed(f"cannot read bench_gpu.py's output: {proc.stdout.strip()[-300:]}")
+    squeeze = lambda row: " ".join(row.split())
+    text = f"ours {squeeze(rows['ours'])}; build-nanogpt {squeeze(rows['baseline'])}; ours / baseline {ratio.group(1)}x"
+    if float(ratio.group(1)) < 0.97:
+        raise CheckFailed(f"{text}: slower than the baseline")
+    return text
+
+
+def check_memory(setup, reference):
+    if setup.device.type != "cuda":
+        raise Skip("needs torch.cuda.max_memory_allocated")
+    figures = []
+    for name, (n_layer, n_head, n_embd), B in (("124M", (12, 12, 768), 16), ("350M", (24, 16, 1024), 8)):
+        log_dir = os.path.join(setup.work, f"memory_{name}")
+        shape = [f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", "--block_size=1024",
+                 "--vocab_size=50304", f"--micro_batch_size={B}", f"--total_batch_size={B * 1024}"]
+        # the last setting given wins: the shape and batch here over run_gpt2's
+        _, out = run_gpt2(setup, log_dir, *shape, "--dtype=bfloat16", "--compile=0", steps=3)
+        estimate = re.search(r"memory per rank \(estimate, GB\).*= ([\d.]+)", out)
+        measured = [float(m) for m in re.findall(r"mem\s+([\d.]+)GB", out)]
+        if not estimate or not measured:
+            raise CheckFailed(f"{name}: no estimate or no peak memory in gpt2.py's output: {out.strip()[-300:]}")
+        ratio = float(estimate.group(1)) / max(measured)
+        figures.append(f"{name} B={B}: estimate {float(estimate.group(1)):.2f} GB, max_memory_allocated {max(measured):.1f} GB "
+                       f"({ratio:.2f}x)")
+        if abs(ratio - 1) > TOLERANCES["memory"]:
+            raise CheckFailed("; ".join(figures) + f": {name} is off by more than {100 * TOLERANCES['memory']:g}%")
+    return "; ".join(figures)
+
+
+def random_hf_gpt2(setup, path):
+    """A randomly initialised transformers GPT-2 (GPT-2's vocabulary), saved to path as from_pretrained reads it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # one line per check
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if setup.tiny else dict(n_layer=12, n_head=12, n_embd=768)
+    torch.manual_seed(0)
+    # no end-of-text token: generate() then writes exactly max_new_tokens, as ours does, and never masks one out
+    config = GPT2Config(vocab_size=gpt2.GPT2_VOCAB, n_positions=1024, **shape, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def check_greedy(setup, reference):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait for the hub
+    from transformers import GPT2LMHeadModel
+
+    enc = tokenizer()
+    path = random_hf_gpt2(setup, os.path.join(setup.work, "random_gpt2"))
+    torch.backends.cuda.matmul.allow_tf32 = False  # both in full float32
+    ours = gpt2.load_hf_model(path, setup.device).eval()
+    theirs = GPT2LMHeadModel.from_pretrained(path).to(setup.device).eval()
+    prompts = ["The meaning of life is", "Hello, I'm a language model,", "In 1905, Einstein"]
+    new = 16 if setup.tiny else 32
+    for text in prompts:
+        prompt = enc.encode_ordinary(text)
+        tokens, _ = gpt2.generate(ours, prompt, 1, new, top_k=1)
+        ids = torch.tensor([prompt], device=setup.device)
+        with torch.no_grad():
+            expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                                       pad_token_id=enc.eot_token)[0, len(prompt):]
+        if tokens[0].tolist() != expected.tolist():
+            if len(expected) != new:
+                raise CheckFailed(f"prompt {text!r}: transformers wrote {len(expected)} tokens, not {new}")
+            first = next(i for i, (a, b) in enumerate(zip(tokens[0].tolist(), expected.tolist(), strict=True)) if a != b)
+            raise CheckFailed(f"prompt {text!r}: our token {first} is {tokens[0, first].item()}, transformers' "
+                              f"{expected[first].item()}")
+    return f"{len(prompts)} prompts x {new} tokens equal to transformers' generate(do_sample=False) on {setup.device.type}"
+
+
+def check_hellaswag(setup, reference):
+    tokenizer()  # load_hellaswag encodes with it: when it cannot load, this says so in one line
+    path = os.path.join(setup.work, "hellaswag_val.jsonl")
+    write_hellaswag_items(path, 12 if setup.tiny else 50)  # bf16 matmuls are slow on a CPU
+    examples = gpt2.load_hellaswag("val", path)
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if setup.tiny else dict(n_layer=12, n_head=12, n_embd=768)
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.GPTConfig(block_size=1024, vocab_size=50304, **shape)).eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    labels = torch.tensor([ex.label for ex in examples])
+    scores = {}  # name: (summed losses (N, 4), acc_norm's picks (N,)), as evaluate_hellaswag counts them
+    bf16 = lambda: torch.autocast(device_type=setup.device.type, dtype=torch.bfloat16)
+    for name, device, autocast in (("cpu", torch.device("cpu"), nullcontext), ("fp32", setup.device, nullcontext),
+                                   ("bf16", setup.device, bf16)):
+        sums, counts = gpt2.score_endings(model.to(device), examples, device, autocast)
+        if name == "cpu":
+            cpu_counts = counts
+        elif not torch.equal(counts, cpu_counts):
+            raise CheckFailed(f"{name}: the ending token counts differ from the CPU's")
+        scores[name] = (sums, (sums / counts).argmin(1))
+    acc_norm = lambda name: (scores[name][1] == labels).float().mean().item()
+    per_token = lambda name: scores[name][0] / cpu_counts  # (N, 4)
+    diff32 = (per_token("fp32") - per_token("cpu")).abs().max().item()
+    diff16 = (per_token("bf16") - per_token("cpu")).abs().max().item()
+
+    def unexplained(name, tol):
+        """Items whose acc_norm pick moved although the CPU's losses of the two endings are further apart than twice
+        the tolerance (a closer pair, a near-tie, may swap within it)."""
+        cpu_loss, picks, cpu_picks = per_token("cpu"), scores[name][1], scores["cpu"][1]
+        moved = (picks != cpu_picks).nonzero()[:, 0]
+        gaps = (cpu_loss[moved, picks[moved]] - cpu_loss[moved, cpu_picks[moved]]).abs()
+        return len(moved), int((gaps > 2 * tol).sum())
+
+    moved32, bad32 = unexplained("fp32", TOLERANCES["hella_fp32"])
+    moved16, bad16 = unexplained("bf16", TOLERANCES["hella_bf16"])
+    text = (f"{len(examples)} items, acc_norm CPU {acc_norm('cpu'):.2f}, {setup.device.type} float32 {acc_norm('fp32'):.2f} "
+            f"(max |diff| {diff32:.1e} per token, {moved32} picks moved, {bad32} of them not near-ties), bf16 "
+            f"{acc_norm('bf16'):.2f} (max |diff| {diff16:.3f} per token, {moved16} picks moved, {bad16} not near-ties)")
+    if diff32 > TOLERANCES["hella_fp32"] or bad32:
+        raise CheckFailed(f"{text}: float32 differs from the CPU's by more than {TOLERANCES['hella_fp32']:g} per token")
+    if diff16 > TOLERANCES["hella_bf16"] or bad16:
+        raise CheckFailed(f"{text}: bf16 differs from the CPU's by more than {TOLERANCES['hella_bf16']:g} per token")
+    return text
+
+
+# --- running them ---
+
+
+def run_checks(setup, names):
+    """Runs each named check within its budget; prints one line each and the summary; returns the verdict (PASS or
+    FAIL: a check failed, or the whole took more than TOTAL_BUDGET on a GPU) and {name: PASS, FAIL or SKIP}."""
+    reference = Reference()
+    functions = {"bf16": check_bf16, "float16": check_float16, "fsdp": check_fsdp, "speed": check_speed,
+                 "memory": check_memory, "greedy": check_greedy, "hellaswag": check_hellaswag}
+    start = time.time()
+    status = {}
+    for name in names:
+        t0 = time.time()
+        budget = CHECKS[name] * (3 if setup.tiny else 1)  # the CPU mode tries the logic; its time says little
+        setup.deadline = t0 + budget
+        try:
+            line, status[name] = functions[name](setup, reference), "PASS"
+        except Skip as e:
+            line, status[name] = str(e), "SKIP"
+        except CheckFailed as e:
+            line, status[name] = str(e), "FAIL"
+        except Exception as e:  # a check's own bug or the library's: reported, and the others still run
+            line, status[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", "FAIL"
+        took = time.time() - t0
+        if status[name] == "PASS" and took > budget:  # a check in this process cannot be stopped, only judged
+            line, status[name] = f"{line}; but it took {took:.0f} s, over its {budget} s budget", "FAIL"
+        print(f"{status[name]} {name:9s} {took:5.0f} s  {line}", flush=True)
+    counts = {s: sum(v == s for v in status.values()) for s in ("PASS", "FAIL", "SKIP")}
+    elapsed = time.time() - start
+    where = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "CPU (tiny shapes)"
+    verdict = "PASS" if not counts["FAIL"] and (setup.tiny or elapsed <= TOTAL_BUDGET) else "FAIL"
+    print(f"gpu_check {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in "
+          f"{elapsed:.0f} s (budget {TOTAL_BUDGET} s on a GPU) on {where}, torch {torch.__version__}", flush=True)
+    return verdict, status
+
+
+def main(cfg, _):
+    names = [n for n in cfg.only.split(",") if n] or list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise gpt2.UserError(f"--only={cfg.only}: no check named {', '.join(unknown)}; the checks are {', '.join(CHECKS)}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise gpt2.UserError(f"--device={cfg.device}: expected auto, cuda or cpu")
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here, nothing checked (python bench/gpu_check.py --device=cpu tries the checks "
+              "at a tiny size on the CPU)")
+        return
+    device = torch.device("cpu" if cfg.device == "cpu" else "cuda")
+    tiny = device.type == "cpu"
+    work = cfg.keep or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        setup = Setup(device, work, os.path.join(work, "data"), tiny, kept=bool(cfg.keep))
+        # 50 steps of the bf16 check read 50 x 16 x 1024 tokens, plus the memory check's first micro-batches
+        write_pattern_shards(setup.data_dir, setup.model["vocab_size"], 60_000 if tiny else 2_000_000,
+                             10_000 if tiny else 100_000)
+        verdict, _ = run_checks(setup, names)
+    finally:
+        if not cfg.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if verdict == "FAIL":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main, Config(), sys.argv[1:])

@@ -1,0 +1,46 @@
+"""estimate_memory's per-rank weights, gradients and AdamW state against gpt2.shard_model (FSDP2) at 8 ranks, simulated.
+
+bench/bench_memory.py's simulate_rank (--run=simulate) joins torch's fake process group as one rank of 8, builds the
+model as fake tensors, shards it with the real FSDP2 code, takes one fake step and counts that rank's bytes. The count
+is FSDP2's, not ours, so it can disagree with the estimate. The process group is destroyed before it returns.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT
+
+import gpt2
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_memory  # noqa: E402
+
+WORLD = 8
+# every dim 0 divides by 8 except the vocabulary's 100 rows: FSDP2 gives ranks 0-6 13 rows of wte and rank 7 the last 9
+SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16)
+
+
+def test_simulated_fsdp_shards_match_the_estimate():
+    cfg = gpt2.Config(**SHAPE, fsdp=True)
+    simulated = {rank: bench_memory.simulate_rank(cfg, rank, WORLD) for rank in (0, WORLD - 1)}
+    assert not dist.is_initialized()
+    estimate = gpt2.estimate_memory(cfg, WORLD, torch.float32, "plain")  # float32 state, as on a GPU
+    # the whole model, counted here from its parameters, and what FSDP2 allocates per rank for it: dim 0 split with ceil
+    params = list(gpt2.GPT(gpt2.model_config(cfg)).parameters())
+    whole = 4 * sum(p.numel() for p in params)
+    padded = 4 * sum(math.ceil(p.shape[0] / WORLD) * p[0].numel() for p in params)
+    first, last = simulated[0], simulated[WORLD - 1]
+    assert first["weights_padded"] == last["weights_padded"] == padded
+    assert first["weights"] == padded  # the first ranks' shards are full, the last one's is cut
+    assert first["weights"] * (WORLD - 1) + last["weights"] == whole  # every parameter once over the 8 ranks (1-6 as 0)
+    for rank in (first, last):
+        assert rank["gradients"] == rank["weights"]  # float32 gradient shards, the parameters' shapes
+        assert rank["optimizer"] == 2 * rank["weights"]  # AdamW's two moments, float32
+    # the estimate is the unpadded 1/8; FSDP2's rank 0 holds at most one more row of each parameter: within 2% here
+    for part in ("weights", "gradients", "optimizer"):
+        assert first[part] == pytest.approx(estimate[part], rel=0.02), part
+        assert first[part] >= estimate[part]
