@@ -416,12 +416,15 @@ class GPT(nn.Module):
             if self.loss_impl == "plain":
                 logits = self.lm_head(x)  # (B, T, vocab_size)
                 return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-            # the same loss as the plain path above, chunk by chunk
-            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                  self.loss_memory)
+            return None, self.chunked_loss(x.view(-1, x.size(-1)), targets.reshape(-1))
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab_size)
+
+    def chunked_loss(self, x, targets):
+        """The same loss as the plain path in forward, chunk by chunk (LinearCrossEntropy). compile_model keeps it out
+        of torch.compile's graph."""
+        return LinearCrossEntropy.apply(x, self.lm_head.weight, targets, self.loss_memory)
 
     def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
         """The final LayerNorm's output (B, T, C), before the vocabulary projection.
@@ -518,7 +521,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.compiler.disable  # fused by hand already; traced by torch.compile, its in-place steps become copies
     def forward(ctx, x, weight, targets, keep=None):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         # a target of -1 is ignored (F.cross_entropy's ignore_index=-1): validation pads with them; the mean is over
@@ -1264,13 +1266,21 @@ class RunLog:
             self.wandb.finish()
 
 
+def compile_model(model):
+    """torch.compile(model), with the chunked loss left out of the graph: it is fused by hand already, and traced its
+    in-place steps would become copies. (Marked here rather than where it is defined: torch.compiler.disable imports
+    torch._dynamo, over a second that every run without --compile would pay.)"""
+    model.chunked_loss = torch.compiler.disable(model.chunked_loss)
+    return torch.compile(model)
+
+
 def wrap_model(cfg, raw_model, d):
     """(model for validation, model for training): torch.compile'd if asked (fixed shapes; sampling and HellaSwag run
     raw_model; under FSDP shard_model compiled each block instead), and for training inside DDP when several ranks hold
     whole copies (not under FSDP, sharded already).
     DDP's gradients are views into its all-reduce buckets, rather than a second copy of them all."""
     sharded = is_sharded(raw_model)
-    model = torch.compile(raw_model) if cfg.compile and not sharded else raw_model  # FSDP: its blocks are compiled
+    model = compile_model(raw_model) if cfg.compile and not sharded else raw_model  # FSDP: its blocks are compiled
     if dist.is_initialized() and not sharded:
         device_ids = [d.local_rank] if d.device.type == "cuda" else None
         return model, nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import describe  # noqa: E402
 
-from gpt2 import GPT, HF_TRANSPOSED, GPTConfig, resolve_device, run_cli  # noqa: E402
+from gpt2 import GPT, HF_TRANSPOSED, GPTConfig, compile_model, resolve_device, run_cli  # noqa: E402
 
 
 @dataclass
@@ -53,7 +53,7 @@ def main(cfg, _):
     hf.train()
     opt_ours = ours.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, device.type)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    compiled = torch.compile(ours) if cfg.compile else None
+    compiled = compile_model(ours) if cfg.compile else None
     bf16 = cfg.dtype == "bfloat16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     x = torch.randint(0, min(cfg.vocab_size, 50257), (cfg.B, cfg.T + 1), device=device)
