@@ -526,6 +526,11 @@ class MuonAdamW:
     def zero_grad(self, set_to_none=True):
         self.adamw.zero_grad(set_to_none)
         self.muon.zero_grad(set_to_none)
+        for weight, _ in self.split:  # in neither optimizer's lists (Muon holds its views): else its gradient accumulates
+            if set_to_none:
+                weight.grad = None
+            elif weight.grad is not None:
+                weight.grad.zero_()
 
     @torch.no_grad()
     def step(self):
