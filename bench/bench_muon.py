@@ -47,7 +47,8 @@ class Config:
     vocab_size: int = 4096  # the most frequent tokens kept (see the docstring)
     max_steps: int = 150  # ~0.15M tokens, a quarter of the train split: no token is seen twice
     warmup_steps: int = 8
-    adamw_lrs: str = "2e-3,4e-3,8e-3"  # AdamW's sweep of max_lr (min_lr = max_lr / 10)
+    adamw_lrs: str = "1e-3,2e-3,4e-3"  # AdamW's sweep of max_lr (min_lr = max_lr / 10); a best at either end adds one
+    # more rate beyond it (x2 or /2), so that the best is bracketed when it can be
     val_every: int = 10
     val_tokens: int = 4096  # the val split: the first documents of the shuffled corpus, about this many tokens
     threads: int = 0  # torch threads per run; 0 = torch's default (every core)
@@ -131,11 +132,19 @@ def main(cfg, _):
         os.makedirs(data_dir)
         np.save(os.path.join(data_dir, "docs_val_000000.npy"), val_tokens)
         np.save(os.path.join(data_dir, "docs_train_000001.npy"), train_tokens)
-        for lr in [float(x) for x in cfg.adamw_lrs.split(",")]:
+        final = lambda lr: runs[("adamw", lr)][0][cfg.max_steps]
+        todo = sorted(float(x) for x in cfg.adamw_lrs.split(","))
+        while todo:
+            lr = todo.pop(0)
             runs[("adamw", lr)] = train(cfg, data_dir, os.path.join(tmp, f"adamw_{lr:g}"), "adamw", lr)
             val = runs[("adamw", lr)][0]
             print(f"adamw max_lr={lr:g}: val loss {val[0]:.4f} -> {val[cfg.max_steps]:.4f}", flush=True)
-        best = min((k for k in runs), key=lambda k: runs[k][0][cfg.max_steps])[1]
+            swept = sorted(k[1] for k in runs)
+            if not todo and len(swept) > 1 and len(swept) <= len(cfg.adamw_lrs.split(",")):
+                best = min(swept, key=final)
+                if best in (swept[0], swept[-1]):  # at an end of the sweep: one step further
+                    todo.append(best / 2 if best == swept[0] else best * 2)
+        best = min((k[1] for k in runs), key=final)
         runs[("muon", best)] = train(cfg, data_dir, os.path.join(tmp, "muon"), "muon", best)
         val = runs[("muon", best)][0]
         print(f"muon (Muon at its defaults, AdamW part max_lr={best:g}): val loss {val[0]:.4f} -> "
