@@ -6,7 +6,7 @@ target, its final validation loss. Then Muon at its defaults (gpt2.py's muon_lr,
 with the AdamW half at the sweep's best rate. Each run is `python gpt2.py` itself, same schedule and steps; the
 benchmark prints, for each optimizer, the tokens it took to reach the target (the first validation at or below it)
 and its time per step, and the ratio of the tokens.
-    python bench/bench_muon.py                                    # ~15 minutes on 2 idle CPU cores
+    python bench/bench_muon.py                                    # ~4 minutes on 2 quiet CPU cores (~14 at --n_embd=128)
     python bench/bench_muon.py --max_steps=40 --adamw_lrs=3e-3    # a quick look
 
 The text is demo.py's corpus, Python's own documentation (the language reference and the standard library's
