@@ -97,6 +97,10 @@ class Config:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
+    optimizer: str = "adamw"  # adamw (GPT-2's recipe) | muon: Muon for the 2-D weights in the blocks, AdamW (above) the rest
+    muon_lr: float = 0.02  # Muon's peak lr, scheduled as max_lr is; these 3 are Keller Jordan's Muon recipe (README)
+    muon_momentum: float = 0.95  # Nesterov momentum
+    muon_weight_decay: float = 0.0  # decoupled: each step multiplies the weights by 1 - scheduled muon_lr * this
     seed: int = 1337  # model init, sampling and the shuffled order
     # system
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -159,6 +163,10 @@ RULES = {
     "beta2": between(0, 1, 0.95),
     "eps": above(0),
     "grad_clip": at_least(0),
+    "optimizer": one_of("adamw", "muon"),
+    "muon_lr": above(0),
+    "muon_momentum": between(0, 1, 0.95),
+    "muon_weight_decay": at_least(0),
     "seed": between(0, 2**32, 1337),  # numpy's seeds are 32-bit
     # system
     "device": one_of("auto", "cpu", "cuda", "mps"),
@@ -234,6 +242,10 @@ RELATIONS = [  # between settings; the checks that need the world size, the mach
                         f"the warmdown ({c.max_steps // 5} steps, 20% of max_steps)") + f" and --warmup_steps="
                        f"{c.warmup_steps} are longer than the run (--max_steps={c.max_steps}): lower them or raise max_steps",
              {"lr_schedule": "wsd", "warmdown_steps": 100, "warmup_steps": 10, "max_steps": 50}),
+    Relation(("optimizer", "fsdp"), lambda c: c.optimizer != "muon" or not c.fsdp,
+             lambda c: "--optimizer=muon does not work with --fsdp=1: Muon orthogonalizes each weight matrix whole, and "
+                       "FSDP leaves every rank a slice of it; pass --fsdp=0 (DDP) or --optimizer=adamw",
+             {"optimizer": "muon", "fsdp": 1}),
 ]
 
 
@@ -272,6 +284,13 @@ class GPTConfig:
 
 def model_config(cfg):
     return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+
+
+def muon_settings(cfg):
+    """configure_optimizers' muon argument: Muon's settings under --optimizer=muon, else None (AdamW alone)."""
+    if cfg.optimizer != "muon":
+        return None
+    return {"lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay}
 
 
 class KVCache:
@@ -462,15 +481,103 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
-        # decay the matmul and embedding weights (dim >= 2), not biases and LayerNorm gains
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, muon=None):
+        """AdamW for every parameter (GPT-2's recipe); or, given muon (a dict of Muon's lr, momentum and weight_decay),
+        a MuonAdamW: Muon for the 2-D weights inside the blocks, this same AdamW for the rest."""
         params = [p for p in self.parameters() if p.requires_grad]
+        matrices = [(p, 3 if p is block.attn.c_attn.weight else 1) for block in self.transformer.h
+                    for p in block.parameters() if p.requires_grad and p.dim() == 2] if muon else []  # (matrix, pieces)
+        params = [p for p in params if not any(p is m for m, _ in matrices)]
+        # decay the matmul and embedding weights (dim >= 2), not biases and LayerNorm gains
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = device_type in ("cuda", "cpu")  # one kernel for the whole update, not one per parameter
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        return MuonAdamW(adamw, matrices, lr_scale=muon["lr"] / learning_rate, **muon) if muon else adamw
+
+
+# --- the optimizer: Muon for the blocks' matrices, AdamW for the rest ---
+
+
+class MuonAdamW:
+    """torch.optim.Muon for the weight matrices inside the blocks, torch.optim.AdamW for the rest (embeddings, lm_head,
+    biases, LayerNorm gains), as the modded-nanogpt speedrun and nanochat train them, behind one torch optimizer's
+    interface: param_groups (AdamW's, then Muon's), zero_grad, step, and state_dict / load_state_dict in torch's
+    format, the state numbered over those groups in that order. So the training loop, the clipping and the checkpoint
+    code treat it as they treat AdamW.
+
+    Muon replaces each matrix's momentum by the nearest orthogonal matrix (a Newton-Schulz iteration inside
+    torch.optim.Muon), so that every direction of the update moves by the same amount. The fused c_attn weight (3C, C)
+    is three matrices, q, k and v, and each is orthogonalized on its own, as the speedrun does: Muon holds three
+    (C, C) leaf tensors that share the fused weight's memory (its row blocks), so its in-place update writes into the
+    fused weight, and before each step their gradients are pointed at the same row blocks of the fused gradient.
+
+    The schedule sets each group's lr to the scheduled lr times the group's lr_scale (1 when absent): Muon's groups
+    carry muon_lr / max_lr. Resuming, the state comes from the checkpoint and the settings from this run's config.
+    """
+
+    def __init__(self, adamw, matrices, lr, momentum, weight_decay, lr_scale):
+        self.adamw = adamw
+        self.split = []  # (fused weight, the leaf views of its row blocks that Muon updates)
+        muon_params = []
+        for weight, pieces in matrices:
+            if pieces == 1:
+                muon_params.append(weight)
+            else:
+                views = [nn.Parameter(rows) for rows in weight.detach().chunk(pieces)]  # each (C, C), in weight's memory
+                self.split.append((weight, views))
+                muon_params += views
+                # once backward has made the fused gradient, the views' gradients are its row blocks, so that whatever
+                # reads param_groups before step (GradScaler's unscale_ and overflow check) sees and edits all of it
+                weight.register_post_accumulate_grad_hook(lambda w, views=views: self._share_grad(w, views))
+        self.muon = torch.optim.Muon(muon_params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+        for group in self.muon.param_groups:
+            group["lr_scale"] = lr_scale
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups  # the groups themselves: setting their lr sets it
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+        for weight, _ in self.split:  # in neither optimizer's lists (Muon holds its views): else its gradient accumulates
+            if set_to_none:
+                weight.grad = None
+            elif weight.grad is not None:
+                weight.grad.zero_()
+
+    @staticmethod
+    def _share_grad(weight, views):
+        pieces = weight.grad.chunk(len(views)) if weight.grad is not None else [None] * len(views)
+        for view, grad in zip(views, pieces, strict=True):
+            view.grad = grad  # a view: the clipped, all-reduced fused gradient, never a copy
+
+    @torch.no_grad()
+    def step(self):
+        for weight, views in self.split:  # again, for a gradient that was set, not accumulated by backward
+            self._share_grad(weight, views)
+        self.adamw.step()
+        self.muon.step()
+
+    def state_dict(self):
+        adamw, muon = self.adamw.state_dict(), self.muon.state_dict()
+        shift = sum(len(group["params"]) for group in adamw["param_groups"])  # Muon's parameters are numbered after
+        groups = adamw["param_groups"] + [{**g, "params": [i + shift for i in g["params"]]} for g in muon["param_groups"]]
+        return {"state": {**adamw["state"], **{i + shift: s for i, s in muon["state"].items()}}, "param_groups": groups}
+
+    def load_state_dict(self, state):
+        n = len(self.adamw.param_groups)
+        for optimizer, groups in ((self.adamw, state["param_groups"][:n]), (self.muon, state["param_groups"][n:])):
+            numbers = {i for group in groups for i in group["params"]}
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            # torch matches the numbers to this optimizer's parameters by their order in the groups, not by value
+            optimizer.load_state_dict({"state": {i: s for i, s in state["state"].items() if i in numbers},
+                                       "param_groups": groups})
+            for group, kept in zip(optimizer.param_groups, settings, strict=True):
+                group.update(kept)  # e.g. a --muon_lr given on resuming
 
 
 # --- the memory-saving loss ---
@@ -1000,10 +1107,12 @@ LOCAL_KEYS = ("data_dir", "log_dir", "init_from", "device", "dist_timeout_min", 
 
 
 def resume_config(cfg, overridden, saved, path):
-    """The checkpoint's settings with this command line's overrides on top. The model's shape cannot change."""
-    for k in MODEL_KEYS:
-        if k in overridden and getattr(cfg, k) != saved[k]:
-            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with checkpoint {path}, which has {k}={saved[k]}: "
+    """The checkpoint's settings with this command line's overrides on top. The model's shape and the optimizer cannot
+    change."""
+    for k in MODEL_KEYS + ("optimizer",):  # the weights fit one shape, the optimizer state one optimizer
+        theirs = saved.get(k, getattr(Config, k))  # checkpoints from before --optimizer are AdamW's
+        if k in overridden and getattr(cfg, k) != theirs:
+            raise UserError(f"--{k}={getattr(cfg, k)} conflicts with checkpoint {path}, which has {k}={theirs}: "
                             f"drop --{k}, or start a new run with another --log_dir")
     known = {f.name for f in dataclasses.fields(Config)}
     merged = Config(**{k: v for k, v in saved.items() if k in known})
@@ -1145,7 +1254,8 @@ def build_model(cfg, d, ckpt, hf_model, train_loader, say, dtype):
         if cfg.fsdp:
             say("fsdp=1 with one process: nothing to shard, training as without it")
         model.to(d.device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type,
+                                           muon_settings(cfg))
     # float16's narrow range: the loss is scaled up before backward and the gradients down before the step, and a
     # step whose gradients overflowed is skipped while the scale comes down (bfloat16 has float32's range: no need)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
@@ -1291,7 +1401,7 @@ def run_training(cfg, overridden, d):
     """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
 
     Each optimizer step reads total_batch_size tokens, split over the ranks and grad_accum micro-steps of
-    micro_batch_size x block_size, and takes one AdamW step with the scheduled learning rate. Before a step, when due:
+    micro_batch_size x block_size, and takes one optimizer step with the scheduled learning rate. Before a step, when due:
     validation loss, HellaSwag and samples; after it, when due, a checkpoint.
     """
     say = print if d.is_master else (lambda *args, **kwargs: None)
@@ -1364,7 +1474,8 @@ def run_training(cfg, overridden, d):
         norm = clip_gradients(raw_model, cfg.grad_clip)
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1)  # Muon's groups: muon_lr / max_lr
+        lrs = "/".join(dict.fromkeys(f"{group['lr']:.4e}" for group in optimizer.param_groups))  # AdamW's[/Muon's]
         loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         # float16 gradients that overflowed the scale: the scaler skips this step and halves the scale (not a failure)
@@ -1382,7 +1493,7 @@ def run_training(cfg, overridden, d):
         mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB" if device.type == "cuda" else ""
         if finite or overflow:
             skipped = f" | gradients overflowed float16: step skipped, loss scale now {scaler.get_scale():g}" if overflow else ""
-            run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lr:.4e} | "
+            run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lrs} | "
                            f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}"
                            f"{skipped}", **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value,
                                             "tokens_per_sec": tokens_per_sec})
@@ -2125,8 +2236,8 @@ def export(cfg):
               "written; AutoTokenizer.from_pretrained('gpt2') is the same tokenizer")
 
 
-# the oldest torch whose APIs this file uses: torch.distributed.fsdp's fully_shard and FSDPModule are public from 2.6
-TORCH_MIN = (2, 6)
+# the oldest torch whose APIs this file uses: torch.optim.Muon is new in 2.9 (fully_shard and FSDPModule public from 2.6)
+TORCH_MIN = (2, 9)
 
 
 def check_torch_version(version=torch.__version__):

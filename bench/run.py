@@ -34,6 +34,8 @@ SUITE = [
     ("memory: FSDP state / DDP's, target <= 0.55", ["bench_memory.py"],
      r"FSDP weights\+gradients\+AdamW per rank / DDP's: ([\d.]+)x", None),
     ("memory: activations kept, recompute 0 / 1", ["bench_memory.py"], r"saved for backward ([\d.]+)x", 3),
+    ("muon: tokens to AdamW's loss / AdamW's, target <= 0.75", ["bench_muon.py"],
+     r"muon/adamw tokens to AdamW's final loss: ([\d.]+)x", None),
     ("gpu: 124M MFU % (ours)", ["bench_gpu.py"], r"ours .*MFU\s+([\d.]+)%", 50),
     ("gpu: ours vs build-nanogpt", ["bench_gpu.py"], r"ours / baseline: ([\d.]+)x", 1.1),
     ("gpu: acceptance checks passed, of 7", ["gpu_check.py"], r"gpu_check \w+: (\d+) passed", 7),

@@ -1,0 +1,172 @@
+"""Tokens to reach AdamW's loss: gpt2.py --optimizer=muon against --optimizer=adamw, the same small GPT on the same
+real text, in one run.
+
+AdamW trains first, once at each learning rate of a short sweep; the best run (lowest final validation loss) sets the
+target, its final validation loss. Then Muon at its defaults (gpt2.py's muon_lr, muon_momentum, muon_weight_decay),
+with the AdamW half at the sweep's best rate. Each run is `python gpt2.py` itself, same schedule and steps; the
+benchmark prints, for each optimizer, the tokens it took to reach the target (the first validation at or below it)
+and its time per step, and the ratio of the tokens.
+    python bench/bench_muon.py                                    # ~4 minutes on 2 quiet CPU cores (~14 at --n_embd=128)
+    python bench/bench_muon.py --max_steps=40 --adamw_lrs=3e-3    # a quick look
+
+The text is demo.py's corpus, Python's own documentation (the language reference and the standard library's
+docstrings, ~0.6M GPT-2 tokens): no download but tiktoken's files, as the demo fetches them. Its tokens are
+renumbered by frequency and all but the vocab_size - 1 most frequent (95% of the text at 4096) share the last id, so
+that a CPU spends its time in the blocks, where Muon acts, rather than in a 50257-way softmax.
+"""
+
+import collections
+import itertools
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from machine import describe  # noqa: E402
+
+from cli import run_cli  # noqa: E402
+
+
+@dataclass
+class Config:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 64
+    batch_size: int = 16  # sequences per optimizer step: 1024 tokens
+    vocab_size: int = 4096  # the most frequent tokens kept (see the docstring)
+    max_steps: int = 150  # ~0.15M tokens, a quarter of the train split: no token is seen twice
+    warmup_steps: int = 8
+    adamw_lrs: str = "1e-3,2e-3,4e-3"  # AdamW's sweep of max_lr (min_lr = max_lr / 10); a best at either end adds one
+    # more rate beyond it (x2 or /2), so that the best is bracketed when it can be
+    val_every: int = 10
+    val_tokens: int = 4096  # the val split: the first documents of the shuffled corpus, about this many tokens
+    threads: int = 0  # torch threads per run; 0 = torch's default (every core)
+
+
+def corpus_tokens(vocab_size, val_tokens, seed=0):
+    """(train, val) uint16 token arrays of demo.py's corpus, documents shuffled as the demo shuffles them, the val split
+    the first documents; ids renumbered by their frequency in train, the rarest sharing id vocab_size - 1."""
+    import demo
+
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(ROOT, "..", "shared", "tiktoken_cache")):
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.path.join(ROOT, "..", "shared", "tiktoken_cache"))
+    demo.ensure_tokenizer(os.path.join(ROOT, "demo"))
+    from gpt2 import get_tokenizer
+
+    docs = list(itertools.chain(demo.reference_docs(), demo.docstring_docs()))
+    random.Random(seed).shuffle(docs)
+    eot = get_tokenizer().eot_token
+    tokens = [np.array([eot, *doc], dtype=np.int64) for doc in get_tokenizer().encode_ordinary_batch(docs)]
+    stream = np.concatenate(tokens)
+    split = int(np.searchsorted(np.cumsum([len(t) for t in tokens]), val_tokens)) + 1  # whole documents
+    val_len = sum(len(t) for t in tokens[:split])
+    counts = collections.Counter(stream[val_len:].tolist())
+    ids = np.full(int(stream.max()) + 1, vocab_size - 1, dtype=np.int64)
+    for new, (old, _) in enumerate(counts.most_common(vocab_size - 1)):
+        ids[old] = new
+    stream = ids[stream].astype(np.uint16)
+    return stream[val_len:], stream[:val_len]
+
+
+def train(cfg, data_dir, log_dir, optimizer, lr):
+    """One python gpt2.py run; returns ({step: val loss}, [ms of each step])."""
+    args = [f"--data_dir={data_dir}", f"--log_dir={log_dir}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
+            f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}", f"--vocab_size={cfg.vocab_size}",
+            f"--micro_batch_size={cfg.batch_size}", f"--total_batch_size={cfg.batch_size * cfg.block_size}",
+            f"--max_steps={cfg.max_steps}", f"--warmup_steps={cfg.warmup_steps}", f"--max_lr={lr}", f"--min_lr={lr / 10}",
+            f"--val_every={cfg.val_every}", f"--val_tokens={cfg.val_tokens}", f"--optimizer={optimizer}",
+            "--hellaswag_every=0", "--sample_every=0", "--checkpoint_every=0", "--compile=0", "--device=cpu",
+            "--dtype=float32", "--shuffle=0"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cfg.threads:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"gpt2.py {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    val = {}
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for line in f:
+            step, kind, value = line.split()
+            if kind == "val":
+                val[int(step)] = float(value)
+    ms = [float(m) for m in re.findall(r"\| dt\s+([\d.]+)ms", proc.stdout)]
+    return val, ms
+
+
+def steps_to_reach(val, target):
+    """(the first validated step at or below target, the step where the line between it and the validation before
+    crosses target); (None, None) if none is."""
+    steps = sorted(val)
+    i = next((i for i, s in enumerate(steps) if val[s] <= target), None)
+    if i is None:
+        return None, None
+    if i == 0:
+        return steps[0], steps[0]
+    a, b = steps[i - 1], steps[i]
+    return b, a + (b - a) * (val[a] - target) / (val[a] - val[b])
+
+
+def main(cfg, _):
+    t0 = time.time()
+    train_tokens, val_tokens = corpus_tokens(cfg.vocab_size, cfg.val_tokens)
+    per_step = cfg.batch_size * cfg.block_size
+    print(describe())
+    print(f"config: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, T={cfg.block_size}, {per_step} tokens per "
+          f"step, {cfg.max_steps} steps ({cfg.max_steps * per_step / 1e6:.2f}M tokens), cosine after {cfg.warmup_steps} "
+          f"warmup steps, vocab {cfg.vocab_size}; corpus {len(train_tokens) / 1e6:.2f}M train tokens, "
+          f"validation over {cfg.val_tokens:,} tokens every {cfg.val_every} steps", flush=True)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = os.path.join(tmp, "data")
+        os.makedirs(data_dir)
+        np.save(os.path.join(data_dir, "docs_val_000000.npy"), val_tokens)
+        np.save(os.path.join(data_dir, "docs_train_000001.npy"), train_tokens)
+        final = lambda lr: runs[("adamw", lr)][0][cfg.max_steps]
+        todo = sorted(float(x) for x in cfg.adamw_lrs.split(","))
+        while todo:
+            lr = todo.pop(0)
+            runs[("adamw", lr)] = train(cfg, data_dir, os.path.join(tmp, f"adamw_{lr:g}"), "adamw", lr)
+            val = runs[("adamw", lr)][0]
+            print(f"adamw max_lr={lr:g}: val loss {val[0]:.4f} -> {val[cfg.max_steps]:.4f}", flush=True)
+            swept = sorted(k[1] for k in runs)
+            if not todo and len(swept) > 1 and len(swept) <= len(cfg.adamw_lrs.split(",")):
+                best = min(swept, key=final)
+                if best in (swept[0], swept[-1]):  # at an end of the sweep: one step further
+                    todo.append(best / 2 if best == swept[0] else best * 2)
+        best = min((k[1] for k in runs), key=final)
+        runs[("muon", best)] = train(cfg, data_dir, os.path.join(tmp, "muon"), "muon", best)
+        val = runs[("muon", best)][0]
+        print(f"muon (Muon at its defaults, AdamW part max_lr={best:g}): val loss {val[0]:.4f} -> "
+              f"{val[cfg.max_steps]:.4f}", flush=True)
+    target = runs[("adamw", best)][0][cfg.max_steps]
+    print(f"\ntarget: AdamW's final val loss {target:.4f} (max_lr={best:g}, the best of the sweep)")
+    reached = {}
+    for name in ("adamw", "muon"):
+        val, ms = runs[(name, best)]
+        reached[name] = steps_to_reach(val, target)
+        timed = ms[2:] or ms  # the first steps pay for allocation and kernel set-up
+        step, between = reached[name]
+        shown = "not reached" if step is None else f"{step * per_step:,} tokens (step {step}; {between:.0f} interpolated)"
+        print(f"{name:6s} reaches it after {shown:40s} | {statistics.median(timed):7.1f} ms/step (median)")
+    curve = " ".join(f"{s}:{runs[('adamw', best)][0][s]:.3f}/{runs[('muon', best)][0][s]:.3f}"
+                     for s in sorted(runs[("muon", best)][0]))
+    print(f"val loss by step, adamw/muon: {curve}")
+    if reached["muon"][0] is not None:
+        print(f"muon/adamw tokens to AdamW's final loss: {reached['muon'][0] / reached['adamw'][0]:.2f}x at the validations, "
+              f"{reached['muon'][1] / reached['adamw'][1]:.2f}x interpolated (target <= 0.75x)")
+    print(f"({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    run_cli(main, Config(), sys.argv[1:])
