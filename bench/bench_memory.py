@@ -1,4 +1,4 @@
-"""Memory per rank on 2 gloo ranks of this CPU: DDP vs FSDP vs FSDP + activation checkpointing, and GPT-2 large.
+"""Memory per rank on 2 gloo ranks of this CPU: DDP vs FSDP, each with and without activation checkpointing, and GPT-2 large.
 
     python bench/bench_memory.py                  # GPT-2 medium's shape (24 layers, 1024 wide), short sequences
     python bench/bench_memory.py --run=large      # GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks
@@ -51,8 +51,8 @@ class Config:
     T: int = 128  # compare: sequence length
     B: int = 8  # compare: sequences per rank
     steps: int = 2  # compare: optimizer steps; the state is measured after the first, the peak over the others
-    settings: str = "ddp,fsdp,fsdp_recompute"  # compare: which of them to run
-    setting: str = ""  # internal: the one setting a torchrun worker measures (ddp | fsdp | fsdp_recompute)
+    settings: str = "ddp,ddp_recompute,fsdp,fsdp_recompute"  # compare: which of them to run
+    setting: str = ""  # internal: the one setting a torchrun worker measures (one of settings)
     model: str = "1.5B"  # simulate: 124M | 350M | 774M | 1.5B, or custom (n_layer, n_head, n_embd above; T as block_size)
     world_sizes: str = "8,64"  # simulate: the simulated numbers of ranks
 
@@ -84,7 +84,7 @@ def worker(cfg):
     torch.set_num_threads(1)
     settle()
     base = rss()
-    fsdp, recompute = cfg.setting != "ddp", cfg.setting == "fsdp_recompute"
+    fsdp, recompute = cfg.setting.startswith("fsdp"), cfg.setting.endswith("_recompute")
     run_cfg = gpt2.Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
                           block_size=cfg.T, micro_batch_size=cfg.B, fsdp=fsdp, activation_checkpointing=recompute)
     torch.manual_seed(0)
