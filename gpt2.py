@@ -1048,7 +1048,8 @@ def estimate_memory(cfg, world_size, dtype, loss_impl):
     """Bytes per rank that training with cfg in compute dtype `dtype` (a torch.dtype) needs, from the config alone:
     a dict of the parts (see the README).
 
-    Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter, split over the ranks
+    Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter (Muon keeps one moment for
+    the blocks' matrices: 4 bytes for those under --optimizer=muon), split over the ranks
     under FSDP, which also holds the weights and gradients of a few whole units at a time ("gathered"; the root, with
     the embeddings, is the largest). Activations are for one micro-batch: each block keeps about 16 numbers per token
     and channel for its backward pass (counted with torch.autograd.graph.saved_tensors_hooks), in the compute dtype;
@@ -1059,6 +1060,7 @@ def estimate_memory(cfg, world_size, dtype, loss_impl):
     V, C, L, T, B = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.micro_batch_size
     block, root = 12 * C * C + 13 * C, V * C + T * C + 2 * C  # parameters per Block, and outside the Blocks
     n = L * block + root  # the tied embedding counted once
+    muon = L * 12 * C * C if cfg.optimizer == "muon" else 0  # the blocks' matrices, whose one moment Muon keeps
     sharded = cfg.fsdp and world_size > 1
     shards = world_size if sharded else 1
     act = dtype.itemsize  # bytes per activation
@@ -1068,7 +1070,7 @@ def estimate_memory(cfg, world_size, dtype, loss_impl):
         loss = tokens * V * (act + 4 + 4)  # the logits, in float32, and their log-softmax
     else:
         loss = tokens * C * 4 + V * C * 4 + min(tokens, LOSS_CHUNK_ELEMENTS // V) * V * 4  # dx, dweight, one chunk
-    parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards,
+    parts = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": (8 * n - 4 * muon) / shards,
              # FSDP: whole weights (in the compute dtype), gradients and their reduce-scatter buffer (float32) of the
              # root and 2 blocks (one computing, the next prefetched); DDP under autocast: its 16-bit weight copies
              "gathered": (act + 8) * (root + 2 * block) if sharded else act * n if act < 4 else 0,

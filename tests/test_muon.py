@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import TINY, read_log, run_gpt2
 
-from gpt2 import GPT, GPTConfig, MuonAdamW, load_checkpoint
+from gpt2 import GPT, Config, GPTConfig, MuonAdamW, estimate_memory, load_checkpoint, model_config, muon_settings
 
 C = 32  # the width of the tiny model
 T = 16  # TINY's block_size
@@ -171,3 +171,16 @@ def test_two_ranks_equal_one_process_with_accumulation(shards, tmp_path):
     weights_one, weights_two = (load_checkpoint(d / "model_00006.pt")["model"] for d in (one, two))
     for name in weights_one:
         torch.testing.assert_close(weights_one[name], weights_two[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_the_memory_estimate_counts_the_optimizer_state_each_keeps(name):
+    # Muon keeps one moment per block matrix where AdamW keeps two: the estimate printed at start counts what torch holds
+    cfg = Config(n_layer=2, n_head=2, n_embd=C, block_size=T, vocab_size=128, optimizer=name)
+    torch.manual_seed(0)
+    model = GPT(model_config(cfg))
+    optimizer = model.configure_optimizers(**ADAMW, muon=muon_settings(cfg))
+    random_grads(model, 0)
+    optimizer.step()
+    held = sum(t.nbytes for state in optimizer.state_dict()["state"].values() for k, t in state.items() if k != "step")
+    assert estimate_memory(cfg, 1, torch.float32, "chunked")["optimizer"] == held
