@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 from machine import describe  # noqa: E402
 
 from cli import run_cli  # noqa: E402
+from plot import read_log  # noqa: E402
 
 
 @dataclass
@@ -94,12 +95,7 @@ def train(cfg, data_dir, log_dir, optimizer, lr):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"gpt2.py {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    val = {}
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        for line in f:
-            step, kind, value = line.split()
-            if kind == "val":
-                val[int(step)] = float(value)
+    val = dict(zip(*read_log(os.path.join(log_dir, "log.txt")).get("val", ([], [])), strict=True))
     ms = [float(m) for m in re.findall(r"\| dt\s+([\d.]+)ms", proc.stdout)]
     return val, ms
 

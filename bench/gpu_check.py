@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import gpt2  # noqa: E402
 from cli import run_cli  # noqa: E402
+from plot import read_log  # noqa: E402
 
 TOTAL_BUDGET = 480  # seconds: the whole check on an H100
 CHECKS = {  # name: seconds it may take on a GPU (compilation of 124M is about a minute); the CPU mode runs in seconds
@@ -195,13 +196,7 @@ def run_gpt2(setup, log_dir, *args, ranks=0, steps=50, checkpoint_every=0):
 
 
 def read_train_losses(log_dir):
-    losses = {}
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        for line in f:
-            step, kind, value = line.split()
-            if kind == "train":
-                losses[int(step)] = float(value)
-    return losses
+    return dict(zip(*read_log(os.path.join(log_dir, "log.txt")).get("train", ([], [])), strict=True))
 
 
 def compare_losses(ours, reference, rtol, steps):
