@@ -128,5 +128,7 @@ def run_cli(main, cfg, argv):
     except UserError as e:
         if getattr(cfg, "debug", False):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # one write with its newline: ranks that stop together (torchrun) then never splice their lines together
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         sys.exit(1)

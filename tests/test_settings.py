@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -349,3 +350,34 @@ def test_hellaswag_example_that_fits_block_size_exactly_is_not_cut():
         sums, counts = gpt2.score_endings(model, [example], "cpu")
         assert counts.tolist() == [[20, 7, 13, 1]]
         assert sums[0].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_errors_of_ranks_that_stop_together_stay_one_line_each(tmp_path):
+    # every rank of a torchrun job prints its error to the same pipe, unbuffered (PYTHONUNBUFFERED=1, as torchrun
+    # jobs often run): each line must reach it whole, never spliced with another rank's. Two processes fail over and
+    # over for the same half second, so that their writes meet.
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import cli\n"
+        "from dataclasses import dataclass\n"
+        "@dataclass\n"
+        "class Config:\n"
+        "    debug: bool = False\n"
+        "def main(cfg, overridden):\n"
+        "    raise cli.UserError('cannot write checkpoint ' + 'x' * 300)\n"
+        "start = float(sys.argv[1])\n"
+        "time.sleep(max(0, start - time.time()))\n"
+        "while time.time() < start + 0.5:\n"
+        "    try:\n"
+        "        cli.run_cli(main, Config(), [])\n"
+        "    except SystemExit:\n"
+        "        pass\n")
+    start = time.time() + 2  # both have started by then
+    run = f"{sys.executable} {script} {start}"
+    out = subprocess.run(["bash", "-c", f"{run} & {run} & wait"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=120)
+    lines = out.stderr.splitlines()
+    assert len(lines) > 100
+    assert all(line == "error: cannot write checkpoint " + "x" * 300 for line in lines)
