@@ -1085,8 +1085,8 @@ def describe_memory(parts, recompute):
     """The estimate as one line, in GB."""
     gb = lambda key: f"{parts[key] / 1e9:.2f}"
     other = "activations_kept" if recompute else "activations_recompute"
-    return (f"memory per rank (estimate, GB): weights {gb('weights')} + gradients {gb('gradients')} + AdamW "
-            f"{gb('optimizer')} + gathered/bf16 copies {gb('gathered')} + activations {gb('activations')} per micro-batch "
+    return (f"memory per rank (estimate, GB): weights {gb('weights')} + gradients {gb('gradients')} + optimizer "
+            f"{gb('optimizer')} + gathered/16-bit copies {gb('gathered')} + activations {gb('activations')} per micro-batch "
             f"({gb(other)} {'without' if recompute else 'with'} activation_checkpointing) = {gb('total')}")
 
 
