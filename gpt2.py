@@ -105,7 +105,7 @@ class Config:
     # system
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (CUDA: bfloat16, or float16 on GPUs without it; else float32) | float32 | bfloat16 | float16
-    compile: bool = True  # torch.compile the model for training and validation
+    compile: bool = True  # torch.compile the model for training (under FSDP each block, for validation too)
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)
     activation_checkpointing: bool = False  # keep each block's input only, recompute the rest in backward (~1/3 more compute)
     loss_impl: str = "auto"  # auto (plain on CUDA, else chunked) | chunked (keeps no logits) | plain (lm_head, F.cross_entropy)
@@ -1387,16 +1387,16 @@ def compile_model(model):
 
 
 def wrap_model(cfg, raw_model, d):
-    """(model for validation, model for training): torch.compile'd if asked (fixed shapes; sampling and HellaSwag run
-    raw_model; under FSDP shard_model compiled each block instead), and for training inside DDP when several ranks hold
-    whole copies (not under FSDP, sharded already).
+    """The model that training steps call: torch.compile'd if asked (fixed shapes; validation, sampling and HellaSwag
+    run raw_model; under FSDP shard_model compiled each block instead), and inside DDP when several ranks hold whole
+    copies (not under FSDP, sharded already).
     DDP's gradients are views into its all-reduce buckets, rather than a second copy of them all."""
     sharded = is_sharded(raw_model)
     model = compile_model(raw_model) if cfg.compile and not sharded else raw_model  # FSDP: its blocks are compiled
     if dist.is_initialized() and not sharded:
         device_ids = [d.local_rank] if d.device.type == "cuda" else None
-        return model, nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    return model, model
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    return model
 
 
 def run_training(cfg, overridden, d):
@@ -1428,7 +1428,8 @@ def run_training(cfg, overridden, d):
         enc = get_tokenizer()
     raw_model, optimizer, scaler, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say, dtype)
     del ckpt, hf_model  # the model holds the weights now
-    model, train_model = wrap_model(cfg, raw_model, d)
+    train_model = wrap_model(cfg, raw_model, d)
+    ddp = isinstance(train_model, nn.parallel.DistributedDataParallel)
     run_log = RunLog(cfg, d.is_master, start_step)
     flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
     say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
@@ -1441,7 +1442,7 @@ def run_training(cfg, overridden, d):
         last = step == cfg.max_steps
         evaluated = False
         if val_loader and is_due(cfg.val_every, step, last):
-            val_loss, val_bpb = evaluate_loss(model, val_loader, device, autocast)
+            val_loss, val_bpb = evaluate_loss(raw_model, val_loader, device, autocast)
             run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f} | bpb {val_bpb:.4f}",
                            **{"val/loss": val_loss, "val/bpb": val_bpb})
             run_log.record(step, "bpb", f"{val_bpb:.6f}", None)
@@ -1465,7 +1466,7 @@ def run_training(cfg, overridden, d):
             x, y = to_device(train_loader.next_batch(), device)
             # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (README)
             is_last_micro = micro_step == grad_accum - 1
-            with nullcontext() if is_last_micro or train_model is model else train_model.no_sync():
+            with train_model.no_sync() if ddp and not is_last_micro else nullcontext():
                 with autocast():
                     _, loss = train_model(x, y)
                 loss = loss / grad_accum  # the gradient of the mean over the whole batch
@@ -1540,16 +1541,15 @@ def evaluate_loss(model, loader, device, autocast):
     The per-token losses come from the final hidden states, a chunk of rows at a time (as HellaSwag's scorer): one
     forward pass gives both numbers and the (tokens x vocabulary) logits are never held at once.
     """
-    raw = getattr(model, "_orig_mod", model)  # per-token losses, which the compiled forward (a mean) does not return
-    nbytes = token_bytes(raw.config.vocab_size).to(device)
+    nbytes = token_bytes(model.config.vocab_size).to(device)
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, targets, loss sum over text tokens, bytes
     keep = {}  # log_softmax_chunks' buffer, from batch to batch
     for x, y in loader.batches():
         x, y = x.to(device), y.flatten().to(device)  # y (B*T,): -1 where padded
         with autocast():
-            h = raw.hidden_states(x).flatten(0, 1)  # (B*T, C)
+            h = model.hidden_states(x).flatten(0, 1)  # (B*T, C)
             losses = torch.cat([-logp.gather(1, y[rows, None].clamp(min=0))[:, 0]
-                                for rows, logp, _ in log_softmax_chunks(h, raw.lm_head.weight, keep)]).double()  # (B*T,)
+                                for rows, logp, _ in log_softmax_chunks(h, model.lm_head.weight, keep)]).double()  # (B*T,)
         counted = (y >= 0).double()  # a batch of padding only still runs, so that every rank joins every forward pass
         text = nbytes[y.clamp(min=0)].double() * counted  # (B*T,) bytes of each target, 0 for <|endoftext|> and padding
         totals += torch.stack([(losses * counted).sum(), counted.sum(), (losses * (text > 0)).sum(), text.sum()])

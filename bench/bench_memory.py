@@ -94,7 +94,7 @@ def worker(cfg):
     if fsdp:
         gpt2.shard_model(model, d)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 1e-8, "cpu")
-    _, train_model = gpt2.wrap_model(run_cfg, model, d)
+    train_model = gpt2.wrap_model(run_cfg, model, d)
     settle()
     built = rss() - base
     x, y = torch.randint(0, min(cfg.vocab_size, 50257), (2, cfg.B, cfg.T))
