@@ -36,8 +36,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from cli import run_cli  # noqa: E402
+from plot import read_log  # noqa: E402
 
 GB = 1e9
+FSDP_T, FSDP_B = 64, 2  # large and resume: tokens per sequence, sequences per rank
 SIZES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1.5B": (48, 25, 1600)}
 
 
@@ -185,46 +187,36 @@ def descendants(pid):
     return found
 
 
+def gpt2_fsdp_args(data_dir, size):
+    """gpt2.py's command line for a GPT of SIZES[size] on 2 FSDP ranks of this CPU, 2 x 64 tokens each, float32,
+    without evaluation or compile, on random tokens that it writes to data_dir."""
+    rng = np.random.default_rng(0)
+    for split, n in (("val", 10000), ("train", 100000)):
+        np.save(os.path.join(data_dir, f"bench_{split}_000000.npy"), rng.integers(0, 50257, n, dtype=np.uint16))
+    n_layer, n_head, n_embd = SIZES[size]
+    return [os.path.join(ROOT, "gpt2.py"), f"--data_dir={data_dir}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+            f"--n_embd={n_embd}", f"--block_size={FSDP_T}", f"--micro_batch_size={FSDP_B}",
+            f"--total_batch_size={2 * FSDP_B * FSDP_T}", "--val_every=0", "--hellaswag_every=0", "--sample_every=0",
+            "--compile=0", "--device=cpu", "--fsdp=1"]
+
+
 def large(cfg):
     """GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks; each rank's peak RSS read from /proc."""
     import gpt2
 
-    n_layer, n_head, n_embd = SIZES["774M"]
-    T, B = 64, 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        for split, size in (("val", 10000), ("train", 100000)):
-            np.save(os.path.join(tmp, f"bench_{split}_000000.npy"), rng.integers(0, 50257, size, dtype=np.uint16))
-        args = [os.path.join(ROOT, "gpt2.py"), f"--data_dir={tmp}", f"--log_dir={tmp}/log", f"--n_layer={n_layer}",
-                f"--n_head={n_head}", f"--n_embd={n_embd}", f"--block_size={T}", f"--micro_batch_size={B}",
-                f"--total_batch_size={2 * B * T}", "--max_steps=3", "--val_every=0", "--hellaswag_every=0",
-                "--sample_every=0", "--checkpoint_every=0", "--compile=0", "--device=cpu", "--fsdp=1"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        args = [*gpt2_fsdp_args(tmp, "774M"), f"--log_dir={tmp}/log", "--max_steps=3", "--checkpoint_every=0"]
         start = time.time()
-        log = open(os.path.join(tmp, "out.txt"), "w+")
-        proc = subprocess.Popen(torchrun(args), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-        peaks = {}  # pid: its peak RSS, for the processes that run gpt2.py (the ranks)
-        while proc.poll() is None:
-            for pid in descendants(proc.pid):
-                try:
-                    with open(f"/proc/{pid}/cmdline") as f:
-                        cmdline = f.read()
-                    if "gpt2.py" in cmdline and "torch.distributed.run" not in cmdline:  # a rank, not torchrun
-                        peaks[pid] = max(peaks.get(pid, 0), rss("VmHWM", pid))
-                except (OSError, StopIteration):
-                    pass
-            time.sleep(0.2)
-        log.seek(0)
-        out = log.read()
-        lines = out.splitlines()
-        if proc.returncode:
-            sys.exit(f"gpt2.py failed:\n{out}")
-    print("\n".join(line for line in lines if line.startswith(("step", "memory per rank", "7"))))
+        peaks, out = rank_peaks(args, env, "VmHWM", every=0.2)  # a high-water mark: no need to poll often
+    print("\n".join(line for line in out.splitlines() if line.startswith(("step", "memory per rank", "7"))))
     estimate = float(re.search(r"memory per rank \(estimate, GB\).*= ([\d.]+)", out).group(1))
-    run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T, micro_batch_size=B)
+    n_layer, n_head, n_embd = SIZES["774M"]
+    run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=FSDP_T, micro_batch_size=FSDP_B)
     ddp = gpt2.estimate_memory(run_cfg, 2, gpt2.torch.float32, "chunked")["total"] / GB
     measured = max(peaks.values()) / GB
-    print(f"GPT-2 large (774M), {B}x{T} tokens per rank, 2 gloo ranks with --fsdp=1, 3 steps in {time.time() - start:.0f} s")
+    print(f"GPT-2 large (774M), {FSDP_B}x{FSDP_T} tokens per rank, 2 gloo ranks with --fsdp=1, 3 steps in "
+          f"{time.time() - start:.0f} s")
     print(f"peak RSS per rank: {', '.join(f'{p / GB:.2f}' for p in peaks.values())} GB; gpt2.py's estimate {estimate:.2f} GB "
           f"(estimate / measured = {estimate / measured:.2f}); DDP would need {ddp:.2f} GB per rank (estimate), "
           f"{2 * ddp:.1f} GB for the two")
@@ -244,61 +236,53 @@ def rank_of(pid):
         return None
 
 
-def private_peaks(args, env):
-    """Runs torchrun with args; returns {rank: peak private (anonymous) resident bytes}, polled from /proc every 5 ms.
-    Anonymous memory is the process's own: a file mapped and read (a checkpoint loaded with mmap) is page cache,
-    shared by the ranks of a node and given back under pressure, so it is not counted."""
-    proc = subprocess.Popen(torchrun(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+def rank_peaks(args, env, field, every):
+    """Runs torchrun with args; returns ({rank: the peak of field in /proc/PID/status}, the output), polled every
+    `every` seconds from the processes that are ranks of gpt2.py."""
     peaks, ranks = {}, {}
-    while proc.poll() is None:
-        for pid in descendants(proc.pid):
-            if ranks.get(pid) is None:  # asked again until the forked process has become a rank
-                ranks[pid] = rank_of(pid)
-            if ranks[pid] is not None:
-                try:
-                    peaks[ranks[pid]] = max(peaks.get(ranks[pid], 0), rss("RssAnon", pid))
-                except (OSError, StopIteration):
-                    pass
-        time.sleep(0.005)
-    out = proc.stdout.read()
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a pipe nobody reads would stop a chatty run
+        proc = subprocess.Popen(torchrun(args), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        while proc.poll() is None:
+            for pid in descendants(proc.pid):
+                if ranks.get(pid) is None:  # asked again until the forked process has become a rank
+                    ranks[pid] = rank_of(pid)
+                if ranks[pid] is not None:
+                    try:
+                        peaks[ranks[pid]] = max(peaks.get(ranks[pid], 0), rss(field, pid))
+                    except (OSError, StopIteration):
+                        pass
+            time.sleep(every)
+        log.seek(0)
+        out = log.read()
     if proc.returncode:
         sys.exit(f"gpt2.py failed:\n{out}")
-    return peaks
+    return dict(sorted(peaks.items())), out
 
 
 def resume(cfg):
     """GPT-2 medium's shape on 2 FSDP ranks: one step trained and checkpointed, then resumed for one more. The peak
     private memory of rank 1 (which does not write checkpoints) in each run, and the resumed run's losses against an
-    uninterrupted one's."""
-    n_layer, n_head, n_embd = SIZES["350M"]
-    T, B = 64, 2
+    uninterrupted one's. Private (anonymous) memory is the process's own: a file mapped and read (a checkpoint loaded
+    with mmap) is page cache, shared by the ranks of a node and given back under pressure, so it is not counted; it is
+    polled every 5 ms."""
+    n_layer, _, n_embd = SIZES["350M"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        for split, size in (("val", 10000), ("train", 100000)):
-            np.save(os.path.join(tmp, f"bench_{split}_000000.npy"), rng.integers(0, 50257, size, dtype=np.uint16))
-        common = [os.path.join(ROOT, "gpt2.py"), f"--data_dir={tmp}", f"--n_layer={n_layer}", f"--n_head={n_head}",
-                  f"--n_embd={n_embd}", f"--block_size={T}", f"--micro_batch_size={B}", f"--total_batch_size={2 * B * T}",
-                  "--val_every=0", "--hellaswag_every=0", "--sample_every=0", "--checkpoint_every=1", "--compile=0",
-                  "--device=cpu", "--fsdp=1"]
+        common = [*gpt2_fsdp_args(tmp, "350M"), "--checkpoint_every=1"]
+        private_peaks = lambda *args: rank_peaks([*common, *args], env, "RssAnon", every=0.005)[0]
         start = time.time()
-        train = private_peaks([*common, f"--log_dir={tmp}/log", "--max_steps=1"], env)
-        resumed = private_peaks([*common, f"--log_dir={tmp}/log", "--max_steps=2", "--init_from=resume"], env)
-        private_peaks([*common, f"--log_dir={tmp}/straight", "--max_steps=2"], env)  # for its losses
-        losses = [read_log(os.path.join(tmp, name)) for name in ("log", "straight")]
+        train = private_peaks(f"--log_dir={tmp}/log", "--max_steps=1")
+        resumed = private_peaks(f"--log_dir={tmp}/log", "--max_steps=2", "--init_from=resume")
+        private_peaks(f"--log_dir={tmp}/straight", "--max_steps=2")  # for its losses
+        losses = [read_log(os.path.join(tmp, name, "log.txt"))["train"] for name in ("log", "straight")]
         size = os.path.getsize(os.path.join(tmp, "log", "model_00001.pt"))
-    print(f"GPT-2 medium's shape ({n_layer} x {n_embd}), {B}x{T} tokens per rank, 2 gloo ranks with --fsdp=1, float32; "
-          f"checkpoint {size / GB:.2f} GB; three runs in {time.time() - start:.0f} s")
+    print(f"GPT-2 medium's shape ({n_layer} x {n_embd}), {FSDP_B}x{FSDP_T} tokens per rank, 2 gloo ranks with --fsdp=1, "
+          f"float32; checkpoint {size / GB:.2f} GB; three runs in {time.time() - start:.0f} s")
     print(f"peak private (anonymous) memory of rank 1: training {train[1] / 2**30:.2f} GiB, resume {resumed[1] / 2**30:.2f} "
           f"GiB: {resumed[1] / train[1]:.2f}x (target <= 1.25x); rank 0 (writes checkpoints): {train[0] / 2**30:.2f} and "
           f"{resumed[0] / 2**30:.2f} GiB")
-    print(f"losses, resumed vs uninterrupted: {losses[0]} vs {losses[1]}: {'equal' if losses[0] == losses[1] else 'DIFFERENT'}")
-
-
-def read_log(log_dir):
-    """log.txt's train losses as {step: loss}."""
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        return {int(step): float(value) for step, kind, value in (line.split() for line in f) if kind == "train"}
+    print(f"losses (steps, values), resumed vs uninterrupted: {losses[0]} vs {losses[1]}: "
+          f"{'equal' if losses[0] == losses[1] else 'DIFFERENT'}")
 
 
 def largest_micro_batches(run_cfg, world_size, state=None):
