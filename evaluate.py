@@ -37,11 +37,11 @@ from cli import ANY, Relation, UserError, at_least, check_settings, one_of, run_
 from gpt2 import (
     GPT,
     GPT2_VOCAB,
-    KVCache,
     ValLoader,
     check_torch_version,
     evaluate_hellaswag,
     evaluate_loss,
+    generate,
     get_tokenizer,
     list_checkpoints,
     load_checkpoint,
@@ -129,7 +129,8 @@ class GPTLM(TemplateLM or object):
     the tokens: each sequence keeps its last block_size + 1 tokens, the continuation's log-probabilities are summed, and
     it is greedy when every token is the argmax. The softmax is over GPT-2's 50257 tokens, not our padded vocabulary,
     as in an export. Rolling log-likelihoods (perplexity tasks) cut a text into the harness's windows and score them
-    the same way. Generation is greedy, one token per forward pass through our KVCache, until a stop sequence.
+    the same way. Generation is greedy, by gpt2.generate (one token per forward pass through our KVCache), until a
+    stop sequence.
     """
 
     def __init__(self, model, device, autocast, batch_size=16, rank=0, world_size=1, name="gpt"):
@@ -237,21 +238,12 @@ class GPTLM(TemplateLM or object):
             out.append(text)
         return out
 
-    @torch.no_grad()
     def greedy(self, prompt, max_new_tokens, until):
         """The argmax continuation of the token list prompt, until a stop sequence appears or max_new_tokens."""
-        cache = KVCache(self.model.config, 1, len(prompt) + max_new_tokens)
-        step_input = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T): the prompt, then one token
-        new = []
-        for _ in range(max_new_tokens):
-            with self.autocast():
-                logits, _ = self.model(step_input, kv_cache=cache, last_only=True)  # (1, 1, vocab_size)
-            token = int(logits[0, -1, :GPT2_VOCAB].argmax())
-            new.append(token)
-            if any(stop in self.tok_decode(new) for stop in until):
-                break
-            step_input = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        return new
+        stop = lambda new: any(text in self.tok_decode(new) for text in until)
+        tokens, _ = generate(self.model, prompt, 1, max_new_tokens, top_k=1, vocab_limit=GPT2_VOCAB,
+                             autocast=self.autocast, stop=stop)
+        return tokens[0].tolist()
 
     # the ranks: the harness gives each its share of the requests and gathers the metrics
 

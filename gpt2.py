@@ -1771,7 +1771,7 @@ def evaluate_hellaswag(model, examples, device, autocast=nullcontext, rank=0, wo
 
 @torch.no_grad()
 def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperature=1.0,
-             generator=None, vocab_limit=None, use_cache=True, autocast=nullcontext):
+             generator=None, vocab_limit=None, use_cache=True, autocast=nullcontext, stop=None):
     """Samples num_samples continuations of the token list `prompt`.
 
     Returns (tokens, logprobs): the new tokens (num_samples, max_new_tokens) and the
@@ -1779,7 +1779,8 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
     vocabulary (before the top-k cut). top_k=1 is greedy: the argmax, as transformers'
     do_sample=False. `vocab_limit` keeps the padded vocabulary rows (ids >= it) from ever
     being sampled. With use_cache, each new token costs one position's forward pass; without,
-    the whole sequence is recomputed every step (the same tokens, much slower).
+    the whole sequence is recomputed every step (the same tokens, much slower). `stop`, for one sample: a function of
+    the list of new tokens that ends generation early when it returns True (a stop sequence has appeared).
     """
     device = next(model.parameters()).device
     if not prompt:
@@ -1803,6 +1804,8 @@ def generate(model, prompt, num_samples, max_new_tokens, *, top_k=50, temperatur
             token = torch.gather(top_ids, -1, choice)  # (N, 1)
         new_tokens.append(token)
         logprobs.append(torch.gather(log_probs, -1, token))
+        if stop is not None and stop(torch.cat(new_tokens, dim=1)[0].tolist()):
+            break
         idx = torch.cat((idx, token), dim=1)
         step_input = token
     return torch.cat(new_tokens, dim=1), torch.cat(logprobs, dim=1)
