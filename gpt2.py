@@ -1399,6 +1399,106 @@ def wrap_model(cfg, raw_model, d):
     return model
 
 
+@dataclass
+class StepParts:
+    """What a training step works with, made once by run_training."""
+    model: nn.Module  # what the step calls: raw_model, compiled and/or inside DDP (wrap_model)
+    raw_model: nn.Module  # the GPT itself (sharded under FSDP): the clip and the checkpoints use it
+    optimizer: object
+    scaler: torch.amp.GradScaler
+    loader: DataLoaderLite
+    autocast: object  # a function giving the step's autocast context (make_autocast)
+    grad_accum: int  # micro-steps per optimizer step
+    flops_per_token: float
+    peak: float  # the device's peak FLOP/s (0: unknown), for MFU
+
+
+def forward_backward(parts, device):
+    """The micro-steps of one optimizer step: each reads the loader's next micro batch and adds its gradients.
+    Returns this rank's mean loss over them (a tensor on device)."""
+    ddp = isinstance(parts.model, nn.parallel.DistributedDataParallel)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(parts.grad_accum):
+        x, y = to_device(parts.loader.next_batch(), device)
+        # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (README)
+        is_last_micro = micro_step == parts.grad_accum - 1
+        with parts.model.no_sync() if ddp and not is_last_micro else nullcontext():
+            with parts.autocast():
+                _, loss = parts.model(x, y)
+            loss = loss / parts.grad_accum  # the gradient of the mean over the whole batch
+            loss_accum += loss.detach()
+            parts.scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay above its range's end
+    return loss_accum
+
+
+def train_step(cfg, d, parts, step, run_log):
+    """One optimizer step at `step`: the micro-steps, the gradient clip, the scheduled learning rate, the update
+    (skipped by float16's GradScaler on overflow, or by --skip_nonfinite) and the step's line in the log.
+    Returns the step's loss, the mean over every rank (the same on every rank)."""
+    device, optimizer, scaler = d.device, parts.optimizer, parts.scaler
+    t0 = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = all_reduce_sum(forward_backward(parts, device)) / d.world_size
+    scaler.unscale_(optimizer)  # the true gradients again, for the norm and the clip
+    norm = clip_gradients(parts.raw_model, cfg.grad_clip)
+    lr = get_lr(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1)  # Muon's groups: muon_lr / max_lr
+    lrs = "/".join(dict.fromkeys(f"{group['lr']:.4e}" for group in optimizer.param_groups))  # AdamW's[/Muon's]
+    loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    # float16 gradients that overflowed the scale: the scaler skips this step and halves the scale (not a failure)
+    overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
+    if finite or overflow:
+        scaler.step(optimizer)  # optimizer.step(), unless the gradients overflowed
+    elif not cfg.skip_nonfinite:
+        raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
+                        f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
+    scaler.update()
+    synchronize(device)
+    dt = time.time() - t0
+    tokens_per_sec = cfg.total_batch_size / dt
+    mfu = f"{100 * parts.flops_per_token * tokens_per_sec / (parts.peak * d.world_size):5.1f}%" if parts.peak else "    -"
+    mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB" if device.type == "cuda" else ""
+    if finite or overflow:
+        skipped = f" | gradients overflowed float16: step skipped, loss scale now {scaler.get_scale():g}" if overflow else ""
+        run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lrs} | "
+                       f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}"
+                       f"{skipped}", **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                                        "tokens_per_sec": tokens_per_sec})
+    else:
+        run_log.print(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
+    return loss_value
+
+
+class Evals(NamedTuple):
+    """What the run evaluates with, None where its setting is 0."""
+    val_loader: object  # ValLoader
+    hellaswag: list  # HellaSwagExample items
+    enc: object  # the tokenizer, for the samples (under DDP on rank 0 only)
+
+
+def evaluate_when_due(cfg, d, raw_model, evals, autocast, run_log, step, last):
+    """Before the step `step` (and after the last): validation loss, HellaSwag and samples, each when due."""
+    evaluated = False
+    if evals.val_loader and is_due(cfg.val_every, step, last):
+        val_loss, val_bpb = evaluate_loss(raw_model, evals.val_loader, d.device, autocast)
+        run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f} | bpb {val_bpb:.4f}",
+                       **{"val/loss": val_loss, "val/bpb": val_bpb})
+        run_log.record(step, "bpb", f"{val_bpb:.6f}", None)
+        evaluated = True
+    if evals.hellaswag and is_due(cfg.hellaswag_every, step, last):
+        result = evaluate_hellaswag(raw_model, evals.hellaswag, d.device, autocast=autocast, rank=d.rank,
+                                    world_size=d.world_size)
+        run_log.record(step, "hella", f"{result['acc_norm']:.4f}", f"step {step:6d} | hellaswag acc_norm "
+                       f"{result['acc_norm']:.4f} ({result['n']} examples)", **{"hellaswag/acc_norm": result["acc_norm"]})
+        evaluated = True
+    if evaluated:
+        run_log.refresh_plot()
+    if evals.enc and is_due(cfg.sample_every, step, last):
+        print_samples(raw_model, evals.enc, d.device, autocast, cfg, is_master=d.is_master)
+
+
 def run_training(cfg, overridden, d):
     """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
 
@@ -1421,17 +1521,14 @@ def run_training(cfg, overridden, d):
     B, T = cfg.micro_batch_size, cfg.block_size
     grad_accum = grad_accum_steps(cfg, d.world_size)
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
-    val_loader = open_val_loader(cfg, d, say) if cfg.val_every else None
-    hella = load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None
-    enc = None
-    if cfg.sample_every and (d.is_master or cfg.fsdp):  # under FSDP every rank runs the sampling forwards
-        enc = get_tokenizer()
+    evals = Evals(open_val_loader(cfg, d, say) if cfg.val_every else None,
+                  load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None,
+                  get_tokenizer() if cfg.sample_every and (d.is_master or cfg.fsdp) else None)  # FSDP: every rank samples
     raw_model, optimizer, scaler, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say, dtype)
     del ckpt, hf_model  # the model holds the weights now
-    train_model = wrap_model(cfg, raw_model, d)
-    ddp = isinstance(train_model, nn.parallel.DistributedDataParallel)
+    parts = StepParts(wrap_model(cfg, raw_model, d), raw_model, optimizer, scaler, train_loader, autocast, grad_accum,
+                      raw_model.flops_per_token(T), peak_flops(device))
     run_log = RunLog(cfg, d.is_master, start_step)
-    flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
     say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
         f"= {cfg.total_batch_size:,} tokens per step | {device} | {str(dtype).removeprefix('torch.')}"
         f"{' (FSDP mixed precision)' if sharded and dtype != torch.float32 else ''}"
@@ -1440,68 +1537,11 @@ def run_training(cfg, overridden, d):
 
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
-        evaluated = False
-        if val_loader and is_due(cfg.val_every, step, last):
-            val_loss, val_bpb = evaluate_loss(raw_model, val_loader, device, autocast)
-            run_log.record(step, "val", f"{val_loss:.6f}", f"step {step:6d} | val loss {val_loss:.4f} | bpb {val_bpb:.4f}",
-                           **{"val/loss": val_loss, "val/bpb": val_bpb})
-            run_log.record(step, "bpb", f"{val_bpb:.6f}", None)
-            evaluated = True
-        if hella and is_due(cfg.hellaswag_every, step, last):
-            result = evaluate_hellaswag(raw_model, hella, device, autocast=autocast, rank=d.rank, world_size=d.world_size)
-            run_log.record(step, "hella", f"{result['acc_norm']:.4f}", f"step {step:6d} | hellaswag acc_norm "
-                           f"{result['acc_norm']:.4f} ({result['n']} examples)", **{"hellaswag/acc_norm": result["acc_norm"]})
-            evaluated = True
-        if evaluated:
-            run_log.refresh_plot()
-        if enc and is_due(cfg.sample_every, step, last):
-            print_samples(raw_model, enc, device, autocast, cfg, is_master=d.is_master)
+        evaluate_when_due(cfg, d, raw_model, evals, autocast, run_log, step, last)
         if last:
             break
 
-        t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = to_device(train_loader.next_batch(), device)
-            # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (README)
-            is_last_micro = micro_step == grad_accum - 1
-            with train_model.no_sync() if ddp and not is_last_micro else nullcontext():
-                with autocast():
-                    _, loss = train_model(x, y)
-                loss = loss / grad_accum  # the gradient of the mean over the whole batch
-                loss_accum += loss.detach()
-                scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay above its range's end
-        loss_accum = all_reduce_sum(loss_accum) / d.world_size
-        scaler.unscale_(optimizer)  # the true gradients again, for the norm and the clip
-        norm = clip_gradients(raw_model, cfg.grad_clip)
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1)  # Muon's groups: muon_lr / max_lr
-        lrs = "/".join(dict.fromkeys(f"{group['lr']:.4e}" for group in optimizer.param_groups))  # AdamW's[/Muon's]
-        loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        # float16 gradients that overflowed the scale: the scaler skips this step and halves the scale (not a failure)
-        overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
-        if finite or overflow:
-            scaler.step(optimizer)  # optimizer.step(), unless the gradients overflowed
-        elif not cfg.skip_nonfinite:
-            raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
-                            f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
-        scaler.update()
-        synchronize(device)
-        dt = time.time() - t0
-        tokens_per_sec = cfg.total_batch_size / dt
-        mfu = f"{100 * flops_per_token * tokens_per_sec / (peak * d.world_size):5.1f}%" if peak else "    -"
-        mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB" if device.type == "cuda" else ""
-        if finite or overflow:
-            skipped = f" | gradients overflowed float16: step skipped, loss scale now {scaler.get_scale():g}" if overflow else ""
-            run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lrs} | "
-                           f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}"
-                           f"{skipped}", **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                                            "tokens_per_sec": tokens_per_sec})
-        else:
-            say(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
+        train_step(cfg, d, parts, step, run_log)
         if is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps):
             write_checkpoint(cfg, d, raw_model, optimizer, scaler, train_loader, step + 1, say)
     run_log.finish()
