@@ -14,7 +14,8 @@ RELATIONS) checks them all before the script does any work. A field without a ru
 import dataclasses
 import sys
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from types import UnionType
+from typing import Any, NamedTuple, get_args
 
 
 class UserError(ValueError):
@@ -36,12 +37,21 @@ def apply_overrides(cfg, argv):
             raise UserError(f"bad argument {arg!r}: write --name=value, with name one of: {accepted}")
         if name not in fields:
             raise UserError(f"unknown setting {name!r}: accepted settings are {accepted}")
-        setattr(cfg, name, parse_value(name, text, type(getattr(cfg, name))))
+        declared = next(f.type for f in dataclasses.fields(cfg) if f.name == name)
+        kind = declared if isinstance(declared, UnionType) else type(getattr(cfg, name))  # int | str: a number or a word
+        setattr(cfg, name, parse_value(name, text, kind))
         overridden.add(name)
     return overridden
 
 
 def parse_value(name, text, kind):
+    if isinstance(kind, UnionType):  # the first of its types that reads the text: int | str takes 64 or auto
+        for option in get_args(kind):
+            try:
+                return parse_value(name, text, option)
+            except UserError:
+                pass
+        raise UserError(f"--{name}={text}: expected {' or '.join(option.__name__ for option in get_args(kind))}")
     if kind is bool:
         if text.lower() in ("1", "true"):
             return True

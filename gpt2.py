@@ -82,7 +82,7 @@ class Config:
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128, for faster matmuls
     # batch
     total_batch_size: int = 524288  # tokens per optimizer step over all ranks and micro-steps (2**19, ~0.5M)
-    micro_batch_size: int = 64  # sequences per forward pass on each rank; lower it if memory runs out
+    micro_batch_size: int | str = "auto"  # sequences per forward pass per rank; auto = the most that fits (estimate)
     shuffle: bool = False  # each epoch reads the train stream's block_size windows in a new order, seeded by seed
     # optimizer and learning-rate schedule
     max_lr: float = 6e-4  # peak learning rate, reached after warmup
@@ -148,7 +148,8 @@ RULES = {
     "vocab_size": at_least(1),
     # batch
     "total_batch_size": at_least(1),
-    "micro_batch_size": at_least(1),
+    "micro_batch_size": Rule(lambda v: v == "auto" or isinstance(v, int) and v >= 1, "expected auto or a number >= 1",
+                             "auto", (0, -1, "big")),
     "shuffle": ANY,
     # optimizer and learning-rate schedule
     "max_lr": above(0),
@@ -214,7 +215,8 @@ def batch_error(c):
 RELATIONS = [  # between settings; the checks that need the world size, the machine or files come later
     Relation(("n_embd", "n_head"), lambda c: c.n_embd % c.n_head == 0, heads_error, {"n_embd": 30, "n_head": 4}),
     Relation(("total_batch_size", "micro_batch_size", "block_size"),
-             lambda c: c.total_batch_size % (c.micro_batch_size * c.block_size) == 0, batch_error,
+             lambda c: c.micro_batch_size == "auto" or c.total_batch_size % (c.micro_batch_size * c.block_size) == 0,
+             batch_error,
              {"total_batch_size": 100, "micro_batch_size": 4, "block_size": 16}),
     Relation(("min_lr", "max_lr"), lambda c: c.min_lr <= c.max_lr,
              lambda c: f"--min_lr={c.min_lr} is above --max_lr={c.max_lr}: the schedule ends at min_lr, so pass "
@@ -1100,6 +1102,99 @@ def grad_accum_steps(cfg, world_size):
     return cfg.total_batch_size // per_micro_step
 
 
+# The estimate leaves out the CUDA context, the allocator's cached and fragmented blocks, NCCL's buffers and
+# torch.compile's autotuning; measured against it (bench/bench_memory.py, README), the peak was up to 1/0.82 of the
+# estimate. So auto keeps the estimate within MEMORY_FRACTION of the free memory, after MEMORY_RESERVE bytes.
+MEMORY_FRACTION = 0.8
+MEMORY_RESERVE = 2**30
+
+
+def free_memory(device, local_world_size=1):
+    """Bytes this rank may still use on device: the CUDA GPU's free memory (torch.cuda.mem_get_info), MPS's
+    recommended working set less what the driver holds, or on the CPU the least of the available RAM and what this
+    process's cgroup allows, shared by the ranks on this machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else io.StringIO() as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+    free = [info["MemAvailable"]] if "MemAvailable" in info else []
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free.append(int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    if not free:  # not Linux: psutil would know, but it is not a requirement; assume the whole of a laptop
+        free = [8 * 2**30]
+    return min(free) // local_world_size
+
+
+def usable_memory(free):
+    return max(0.0, (free - MEMORY_RESERVE) * MEMORY_FRACTION)
+
+
+def choose_micro_batch(cfg, world_size, dtype, loss_impl, free):
+    """--micro_batch_size=auto: (a cfg with micro_batch_size, loss_impl and activation_checkpointing set, one line
+    saying why), for `free` bytes on the rank with the least.
+
+    The largest micro batch that divides this rank's sequences per step and whose estimate fits usable_memory(free),
+    with the loss and recompute as configured; if none fits, with the chunked loss; if none fits even then, with
+    recompute. If nothing fits, a UserError with the numbers and what would."""
+    T, usable = cfg.block_size, usable_memory(free)
+    per_rank, rest = divmod(cfg.total_batch_size, T * world_size)
+    if rest or not per_rank:
+        nearest = max(1, round(cfg.total_batch_size / (T * world_size))) * T * world_size
+        raise UserError(f"--micro_batch_size=auto: total_batch_size={cfg.total_batch_size} is not a multiple of "
+                        f"block_size*world_size = {T}*{world_size}, so no micro batch divides it: pass "
+                        f"--total_batch_size={nearest}")
+    sizes = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+    resolved = lambda c: loss_impl if c.loss_impl == cfg.loss_impl else c.loss_impl  # "auto" as the device has it
+    stages = [(loss_impl, cfg.activation_checkpointing)]
+    if loss_impl == "plain":
+        stages.append(("chunked", cfg.activation_checkpointing))
+    if not cfg.activation_checkpointing:
+        stages.append(("chunked", True))
+    estimate = lambda c, ranks=world_size: estimate_memory(c, ranks, dtype, resolved(c))["total"]
+    for impl, recompute in stages:
+        for b in sizes:
+            c = dataclasses.replace(cfg, micro_batch_size=b, activation_checkpointing=recompute,
+                                    loss_impl=impl if impl != loss_impl else cfg.loss_impl)
+            if estimate(c) <= usable:
+                how = ("" if impl == loss_impl else f", the {impl} loss") + \
+                      ("" if recompute == cfg.activation_checkpointing else ", activation_checkpointing")
+                bigger = [s for s in sizes if s > b]
+                why = f"; {bigger[-1]} would need {estimate(dataclasses.replace(c, micro_batch_size=bigger[-1])) / 1e9:.1f}" \
+                      f" GB" if bigger and not how else ""
+                return c, (f"micro_batch_size=auto: {b}{how} ({per_rank // b} micro-steps per rank): estimate "
+                           f"{estimate(c) / 1e9:.1f} GB of {usable / 1e9:.1f} GB usable ({free / 1e9:.1f} GB free, less "
+                           f"{MEMORY_RESERVE / 2**30:g} GiB, x {MEMORY_FRACTION}){why}")
+    smallest = dataclasses.replace(cfg, micro_batch_size=1, loss_impl="chunked", activation_checkpointing=True)
+    need = estimate(smallest)
+    ranks = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                  if estimate(dataclasses.replace(smallest, fsdp=True), n) <= usable), None)
+    shard = f"shard it with --fsdp=1 over {ranks} GPUs or more, or " if ranks and not cfg.fsdp else ""
+    raise UserError(f"--micro_batch_size=auto: even 1 sequence with the chunked loss and activation_checkpointing needs "
+                    f"{need / 1e9:.1f} GB per rank by the estimate, and {usable / 1e9:.1f} GB are usable ({free / 1e9:.1f} GB "
+                    f"free): {shard}train a smaller model (fewer --n_layer or --n_embd)")
+
+
+def resolve_micro_batch(cfg, d, dtype, say):
+    """cfg as it will train: an explicit micro_batch_size as it is; auto chosen by choose_micro_batch for the least
+    free memory over the ranks, so that every rank makes the same choice."""
+    if cfg.micro_batch_size != "auto":
+        return cfg
+    free = torch.tensor(float(free_memory(d.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))), dtype=torch.float64)
+    if dist.is_initialized():
+        free = free.to(d.device)
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    cfg, line = choose_micro_batch(cfg, d.world_size, dtype, resolve_loss_impl(cfg.loss_impl, d.device), free.item())
+    say(line)
+    return cfg
+
+
 def is_due(every, step, last):
     return every > 0 and (step % every == 0 or last)
 
@@ -1413,22 +1508,67 @@ class StepParts:
     peak: float  # the device's peak FLOP/s (0: unknown), for MFU
 
 
-def forward_backward(parts, device):
+def forward_backward(parts, d):
     """The micro-steps of one optimizer step: each reads the loader's next micro batch and adds its gradients.
-    Returns this rank's mean loss over them (a tensor on device)."""
+    Returns this rank's mean loss over them (a tensor on d.device), or None when a rank ran out of memory: then every
+    rank returns None (the step's gradients are partial), having agreed on it before any backward pass, whose
+    collectives need every rank. An out-of-memory error inside a collective (FSDP's gathers; DDP's last backward) on
+    one rank alone cannot be recovered this way: torch has no way to take back a collective half made (README)."""
     ddp = isinstance(parts.model, nn.parallel.DistributedDataParallel)
-    loss_accum = torch.zeros((), device=device)
+    loss_accum = torch.zeros((), device=d.device)
+    failed = False
     for micro_step in range(parts.grad_accum):
-        x, y = to_device(parts.loader.next_batch(), device)
+        x, y = to_device(parts.loader.next_batch(), d.device)
         # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (README)
         is_last_micro = micro_step == parts.grad_accum - 1
         with parts.model.no_sync() if ddp and not is_last_micro else nullcontext():
-            with parts.autocast():
-                _, loss = parts.model(x, y)
+            if not failed:
+                try:
+                    with parts.autocast():
+                        _, loss = parts.model(x, y)
+                except torch.OutOfMemoryError:
+                    failed = True
+            if any_rank(failed, d):
+                return None
             loss = loss / parts.grad_accum  # the gradient of the mean over the whole batch
             loss_accum += loss.detach()
-            parts.scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay above its range's end
-    return loss_accum
+            try:
+                parts.scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay in its range
+            except torch.OutOfMemoryError:
+                failed = True  # told to the others at the next micro-step's agreement, or at the end
+            del loss
+    return None if any_rank(failed, d) else loss_accum
+
+
+def any_rank(flag, d):
+    """True on every rank when flag is True on any (one small all-reduce with several ranks)."""
+    if d.world_size == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=d.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def halve_micro_batch(cfg, d, parts, step, say):
+    """After an out-of-memory micro-step: the step's gradients are dropped, the loader is set back to where the step
+    began and reads micro batches of about half the size (the largest that divides the step), in twice the micro-steps:
+    the step's tokens stay the same. cfg.micro_batch_size follows, so a checkpoint records it."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    if isinstance(parts.model, nn.parallel.DistributedDataParallel):
+        # the ranks whose forward ran had DDP expect its backward, which never came: DDP's own reset (as its
+        # _update_process_group does), or the next backward would all-reduce on those ranks only
+        parts.model.reducer._reset_state()
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+    per_rank = parts.loader.B * parts.grad_accum
+    smaller = next((b for b in range(parts.loader.B // 2, 0, -1) if per_rank % b == 0), None)
+    if smaller is None:
+        raise UserError(f"step {step}: out of memory with micro_batch_size=1; the last checkpoint in {cfg.log_dir}/ is "
+                        f"intact: resume with --activation_checkpointing=1, --loss_impl=chunked, --fsdp=1 or a smaller model")
+    say(f"step {step:6d} | out of memory at micro_batch_size={parts.loader.B}: the step again with {smaller} "
+        f"({per_rank // smaller} micro-steps), as every later step")
+    parts.loader.B, parts.grad_accum = smaller, per_rank // smaller
+    cfg.micro_batch_size = smaller
 
 
 def train_step(cfg, d, parts, step, run_log):
@@ -1437,8 +1577,12 @@ def train_step(cfg, d, parts, step, run_log):
     Returns the step's loss, the mean over every rank (the same on every rank)."""
     device, optimizer, scaler = d.device, parts.optimizer, parts.scaler
     t0 = time.time()
+    start = parts.loader.state_dict()
     optimizer.zero_grad(set_to_none=True)
-    loss_accum = all_reduce_sum(forward_backward(parts, device)) / d.world_size
+    while (loss_accum := forward_backward(parts, d)) is None:
+        halve_micro_batch(cfg, d, parts, step, run_log.print)
+        parts.loader.load_state_dict(start)
+    loss_accum = all_reduce_sum(loss_accum) / d.world_size
     scaler.unscale_(optimizer)  # the true gradients again, for the norm and the clip
     norm = clip_gradients(parts.raw_model, cfg.grad_clip)
     lr = get_lr(step, cfg)
@@ -1459,7 +1603,8 @@ def train_step(cfg, d, parts, step, run_log):
     dt = time.time() - t0
     tokens_per_sec = cfg.total_batch_size / dt
     mfu = f"{100 * parts.flops_per_token * tokens_per_sec / (parts.peak * d.world_size):5.1f}%" if parts.peak else "    -"
-    mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB" if device.type == "cuda" else ""
+    mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB (reserved " \
+          f"{torch.cuda.max_memory_reserved(device) / 1e9:.1f})" if device.type == "cuda" else ""
     if finite or overflow:
         skipped = f" | gradients overflowed float16: step skipped, loss scale now {scaler.get_scale():g}" if overflow else ""
         run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lrs} | "
@@ -1518,6 +1663,7 @@ def run_training(cfg, overridden, d):
     if dtype == torch.float16 and sharded:
         raise UserError("--dtype=auto picked float16 (this GPU has no native bfloat16), which FSDP cannot train with: its "
                         "GradScaler would check only this rank's shard for overflows; pass --dtype=float32 or --fsdp=0")
+    cfg = resolve_micro_batch(cfg, d, dtype, say)
     B, T = cfg.micro_batch_size, cfg.block_size
     grad_accum = grad_accum_steps(cfg, d.world_size)
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)

@@ -50,10 +50,13 @@ import gpt2  # noqa: E402
 from cli import run_cli  # noqa: E402
 from plot import read_log  # noqa: E402
 
-TOTAL_BUDGET = 480  # seconds: the whole check on an H100
-CHECKS = {  # name: seconds it may take on a GPU (compilation of 124M is about a minute); the CPU mode runs in seconds
-    "bf16": 200, "float16": 60, "fsdp": 75, "speed": 150, "memory": 60, "greedy": 40, "hellaswag": 40,
+CHECKS = {  # name: seconds it may take on a GPU (a cold compile of 124M is about a minute); the CPU mode runs in seconds
+    "bf16": 200, "fsdp": 75, "float16": 60, "memory": 60, "greedy": 40, "hellaswag": 40, "speed": 150, "auto": 150,
 }
+REFERENCE_BUDGET = 60  # seconds for the float32 eager run the training checks compare with (made once, when first asked)
+MIN_START = 15  # seconds: a check is not started with less than this left of the run's time cap (it is skipped)
+GRACE = 10  # seconds a stopped run gets to end after SIGTERM (torchrun's agent stops its workers) before SIGKILL
+R50K_CACHE_FILE = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # SHA-1 of r50k_base.tiktoken's address: tiktoken's cache name
 TOLERANCES = {"bf16": 0.03, "float16": 0.05, "fsdp": 0.03, "resume_gpu": 0.005, "memory": 0.25,
               "hella_fp32": 1e-4, "hella_bf16": 0.05}  # relative for the losses and memory; nats per token for HellaSwag
 
@@ -62,7 +65,8 @@ TOLERANCES = {"bf16": 0.03, "float16": 0.05, "fsdp": 0.03, "resume_gpu": 0.005, 
 class Config:
     device: str = "auto"  # auto (the CUDA GPU, else nothing to do) | cuda | cpu (tiny shapes, to try the checks)
     only: str = ""  # comma-separated check names (bf16, float16, fsdp, speed, memory, greedy, hellaswag); "" = all
-    keep: str = ""  # a directory to keep the runs' logs in; "" = a temporary one, removed at the end
+    keep: str = ""  # a directory to keep the runs' logs in; "" = a temporary one (a RAM disk where there is one), removed
+    time_cap: int = 540  # seconds for the whole run: checks end by then, the rest are skipped, the summary always prints
 
 
 class CheckFailed(Exception):
@@ -73,6 +77,15 @@ class Skip(Exception):
     """A check that cannot run here, with why."""
 
 
+class OutOfTime(Skip):
+    """The run's time cap ended a check before it finished: not run to its end, so skipped rather than failed."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (the command's own time limit, or a person): the summary still prints. A BaseException, so that no
+    check's `except Exception` swallows it."""
+
+
 @dataclass
 class Setup:
     """What every check gets: where it runs, at which size, and until when."""
@@ -80,8 +93,9 @@ class Setup:
     work: str  # a directory for data and logs
     data_dir: str
     tiny: bool  # the CPU mode's shapes
-    deadline: float = 0.0  # time.time() by which the current check must end
+    deadline: float = 0.0  # time.time() by which the current check must end (its own budget)
     kept: bool = False  # work stays after the run (--keep)
+    end: float = float("inf")  # time.time() of the run's time cap: no check goes past it
 
     @property
     def model(self):  # the shape the training checks run at
@@ -94,9 +108,13 @@ class Setup:
         return 4 if self.tiny else 16
 
     def left(self):
-        if time.time() > self.deadline:
+        """Seconds left to the current check: to its own deadline or the run's cap, whichever comes first."""
+        now = time.time()
+        if now > self.end:
+            raise OutOfTime("the run's time cap (--time_cap) ended it")
+        if now > self.deadline:
             raise CheckFailed("ran past its time budget")
-        return self.deadline - time.time()
+        return min(self.deadline, self.end) - now
 
 
 # --- data the checks make for themselves ---
@@ -134,31 +152,95 @@ def write_hellaswag_items(path, n, seed=0):
             f.write(json.dumps(row) + "\n")
 
 
+def find_tokenizer_cache(environ=os.environ):
+    """The folder holding tiktoken's r50k_base file: TIKTOKEN_CACHE_DIR, else the repository's own demo/tiktoken_cache
+    (what python demo.py fills; ignored by git). None if neither holds it. Nothing is ever downloaded: tiktoken's
+    download has no timeout, and a GPU lent for minutes may have no network at all."""
+    for folder in (environ.get("TIKTOKEN_CACHE_DIR"), os.path.join(ROOT, "demo", "tiktoken_cache")):
+        if folder and os.path.isfile(os.path.join(folder, R50K_CACHE_FILE)):
+            return os.path.abspath(folder)
+    return None
+
+
 def tokenizer():
-    """tiktoken's GPT-2 encoding, or a CheckFailed that says how to give it its file."""
-    try:
-        return gpt2.get_tokenizer()
-    except Exception as e:
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
-        raise CheckFailed(f"tiktoken cannot load GPT-2's tokenizer ({type(e).__name__}; TIKTOKEN_CACHE_DIR={cache}): "
-                          f"copy its cache from a machine with network and set TIKTOKEN_CACHE_DIR") from None
+    """tiktoken's GPT-2 encoding from the local cache, or a CheckFailed at once naming the folder to bring."""
+    folder = find_tokenizer_cache()
+    if folder is None:
+        own, given = os.path.join(ROOT, "demo", "tiktoken_cache"), os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
+        raise CheckFailed(f"no tokenizer file {R50K_CACHE_FILE} in TIKTOKEN_CACHE_DIR ({given}) or {own}/: bring a "
+                          f"tiktoken cache folder there (python demo.py makes it) or set TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = folder
+    return gpt2.get_tokenizer()
 
 
 # --- gpt2.py runs ---
 
 
+def descendants(pid):
+    """The pids of every process below pid, read from /proc (empty where there is no /proc). Taken before anything is
+    stopped: once torchrun ends, its workers belong to init and nothing links them to it any more."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name, in parentheses, may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_group(pid, sig):
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(proc, grace=GRACE):
+    """Stops proc and everything it started. torchrun starts each worker in a session of its own, so stopping
+    torchrun's process group leaves the workers running (and holding the output pipes): SIGTERM to the group first, on
+    which torchrun's agent stops its workers; after `grace` seconds SIGKILL to the group and to every process found
+    below proc at the start, each in its own group. Returns what proc wrote, as far as it can be read."""
+    below = descendants(proc.pid)
+    signal_group(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *below]:
+        signal_group(pid, signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # a process that escaped still holds the pipes: stop waiting for it
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()
+        proc.wait(timeout=5)
+        return "", ""
+
+
 def run_process(cmd, setup, env=None):
-    """Runs cmd to its end or to the check's deadline. It runs in a session of its own, so that at the deadline the
-    whole of it stops, torchrun's workers included, and frees the GPU for the next check."""
+    """Runs cmd to its end or to the check's deadline (or the run's cap, or a SIGTERM to this script). It runs in a
+    session of its own, and at the deadline the whole of it stops (see stop), torchrun's workers included, which frees
+    the GPU for the next check."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=setup.left())
-    except (subprocess.TimeoutExpired, CheckFailed):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    except subprocess.TimeoutExpired:
+        stop(proc)
         script = next(os.path.basename(c) for c in cmd if c.endswith(".py"))
+        if time.time() >= setup.end:
+            raise OutOfTime(f"the run's time cap (--time_cap) stopped {script}") from None
         raise CheckFailed(f"{script} ran past the check's time budget and was stopped") from None
+    except BaseException:  # the cap already passed (OutOfTime), or SIGTERM (Terminated): nothing is left running
+        stop(proc)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -178,7 +260,8 @@ def run_gpt2(setup, log_dir, *args, ranks=0, steps=50, checkpoint_every=0):
     args = gpt2_args(setup, log_dir, *args, steps=steps, checkpoint_every=checkpoint_every)
     launcher = [sys.executable]
     if ranks:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        # the loopback address: an offline machine's own hostname may not resolve, and rendezvous would retry for minutes
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--local_addr=127.0.0.1", f"--nproc_per_node={ranks}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if setup.tiny:
         env["OMP_NUM_THREADS"] = "1"
@@ -224,15 +307,28 @@ def within(name, ours, reference, rtol, steps):
 
 
 class Reference:
-    """The float32 eager run the others are compared with, made once, by the first check that asks for it."""
+    """The float32 eager run the others are compared with, made once, by the first check that asks for it. It has a
+    budget of its own (REFERENCE_BUDGET), and its time is its own: the asking check's deadline moves on by it and
+    run_checks leaves it out of that check's time. A failed reference fails every check that asks, without a rerun."""
 
-    def __init__(self, steps=50):
-        self.steps, self.losses = steps, None
+    def __init__(self, steps=50, budget=REFERENCE_BUDGET):
+        self.steps, self.budget = steps, budget
+        self.losses, self.error, self.took = None, None, 0.0
 
     def __call__(self, setup):
-        if self.losses is None:
-            log_dir = os.path.join(setup.work, "fp32_eager")
-            self.losses, _ = run_gpt2(setup, log_dir, "--dtype=float32", "--compile=0", steps=self.steps)
+        if self.losses is None and self.error is None:
+            start, check_deadline = time.time(), setup.deadline
+            setup.deadline = start + self.budget
+            try:
+                self.losses, _ = run_gpt2(setup, os.path.join(setup.work, "fp32_eager"), "--dtype=float32",
+                                          "--compile=0", steps=self.steps)
+            except CheckFailed as e:
+                self.error = f"the float32 reference failed: {e}"
+            finally:
+                self.took = time.time() - start
+                setup.deadline = check_deadline + self.took
+        if self.error:
+            raise CheckFailed(self.error)
         return self.losses
 
 
@@ -241,13 +337,15 @@ def train_and_resume(setup, name, args, steps, rtol, reference, ranks=0):
     that checkpoint, compared with the first run's (bitwise on a CPU, within resume_gpu on a GPU)."""
     log_dir = os.path.join(setup.work, name)
     half = steps // 2
+    # gpt2.py also writes one at the end (1.5 GB at 124M), which nothing reads: removed at once
     losses, _ = run_gpt2(setup, log_dir, *args, ranks=ranks, steps=steps, checkpoint_every=half)
+    os.remove(gpt2.checkpoint_path(log_dir, steps))
     figures = [within(f"{steps} losses vs float32 eager", losses, reference(setup), rtol, list(range(steps)))]
-    resumed = log_dir + "_resumed"  # the run as it was when stopped halfway: its log and the checkpoint there
+    resumed = log_dir + "_resumed"  # the run as it was when stopped halfway: its log and the checkpoint there (moved)
     os.makedirs(resumed)
-    for path in (os.path.join(log_dir, "log.txt"), gpt2.checkpoint_path(log_dir, half)):
-        shutil.copy(path, resumed)
-    again, out = run_gpt2(setup, resumed, *args, "--init_from=resume", ranks=ranks, steps=steps, checkpoint_every=half)
+    shutil.copy(os.path.join(log_dir, "log.txt"), resumed)
+    os.replace(gpt2.checkpoint_path(log_dir, half), gpt2.checkpoint_path(resumed, half))
+    again, out = run_gpt2(setup, resumed, *args, "--init_from=resume", ranks=ranks, steps=steps, checkpoint_every=0)
     if f"(step {half})" not in out:
         raise CheckFailed(f"the resumed run did not start from step {half}: {out.strip()[-300:]}")
     second = list(range(half, steps))
@@ -322,6 +420,29 @@ def check_memory(setup, reference):
     return "; ".join(figures)
 
 
+def check_auto(setup, reference):
+    """--micro_batch_size=auto with gpt2.py's defaults (compiled, bf16, 524288 tokens per step) at 124M and 350M: the
+    choice must run without running out of memory and reserve at most 95% of the GPU's memory."""
+    if setup.device.type != "cuda":
+        raise Skip("needs a CUDA GPU's free memory")
+    total = torch.cuda.get_device_properties(setup.device).total_memory
+    figures = []
+    for name, (n_layer, n_head, n_embd) in (("124M", (12, 12, 768)), ("350M", (24, 16, 1024))):
+        shape = [f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", "--block_size=1024",
+                 "--vocab_size=50304", "--micro_batch_size=auto", "--total_batch_size=524288", "--compile=1"]
+        _, out = run_gpt2(setup, os.path.join(setup.work, f"auto_{name}"), *shape, "--dtype=bfloat16", steps=2)
+        choice = re.search(r"micro_batch_size=auto: (\d+)(.*?) \(.*?estimate ([\d.]+) GB", out)
+        reserved = [float(m) for m in re.findall(r"\(reserved ([\d.]+)\)", out)]
+        if not choice or not reserved:
+            raise CheckFailed(f"{name}: no auto choice or no reserved memory in gpt2.py's output: {out.strip()[-300:]}")
+        share = max(reserved) * 1e9 / total
+        figures.append(f"{name}: auto chose {choice.group(1)}{choice.group(2)}, estimate {choice.group(3)} GB, "
+                       f"max_memory_reserved {max(reserved):.1f} GB = {100 * share:.0f}% of {total / 1e9:.0f} GB")
+        if share > 0.95:
+            raise CheckFailed("; ".join(figures) + ": over 95% of the GPU's memory")
+    return "; ".join(figures)
+
+
 def random_hf_gpt2(setup, path):
     """A randomly initialised transformers GPT-2 (GPT-2's vocabulary), saved to path as from_pretrained reads it."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -338,7 +459,6 @@ def random_hf_gpt2(setup, path):
 
 
 def check_greedy(setup, reference):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait for the hub
     from transformers import GPT2LMHeadModel
 
     enc = tokenizer()
@@ -412,37 +532,70 @@ def check_hellaswag(setup, reference):
 # --- running them ---
 
 
-def run_checks(setup, names):
-    """Runs each named check within its budget; prints one line each and the summary; returns the verdict (PASS or
-    FAIL: a check failed, or the whole took more than TOTAL_BUDGET on a GPU) and {name: PASS, FAIL or SKIP}."""
+def terminated(signum, frame):
+    raise Terminated()
+
+
+def run_checks(setup, names, time_cap=540):
+    """Runs each named check within its budget and what is left of time_cap (seconds from now); prints one line each
+    and the summary, in every case (a SIGTERM included); returns the verdict (PASS: no check failed; checks skipped for
+    want of time do not fail it) and {name: PASS, FAIL or SKIP}."""
     reference = Reference()
     functions = {"bf16": check_bf16, "float16": check_float16, "fsdp": check_fsdp, "speed": check_speed,
-                 "memory": check_memory, "greedy": check_greedy, "hellaswag": check_hellaswag}
+                 "memory": check_memory, "greedy": check_greedy, "hellaswag": check_hellaswag, "auto": check_auto}
     start = time.time()
+    setup.end = start + time_cap
     status = {}
-    for name in names:
-        t0 = time.time()
-        budget = CHECKS[name] * (3 if setup.tiny else 1)  # the CPU mode tries the logic; its time says little
-        setup.deadline = t0 + budget
-        try:
-            line, status[name] = functions[name](setup, reference), "PASS"
-        except Skip as e:
-            line, status[name] = str(e), "SKIP"
-        except CheckFailed as e:
-            line, status[name] = str(e), "FAIL"
-        except Exception as e:  # a check's own bug or the library's: reported, and the others still run
-            line, status[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", "FAIL"
-        took = time.time() - t0
-        if status[name] == "PASS" and took > budget:  # a check in this process cannot be stopped, only judged
-            line, status[name] = f"{line}; but it took {took:.0f} s, over its {budget} s budget", "FAIL"
-        print(f"{status[name]} {name:9s} {took:5.0f} s  {line}", flush=True)
-    counts = {s: sum(v == s for v in status.values()) for s in ("PASS", "FAIL", "SKIP")}
-    elapsed = time.time() - start
-    where = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "CPU (tiny shapes)"
-    verdict = "PASS" if not counts["FAIL"] and (setup.tiny or elapsed <= TOTAL_BUDGET) else "FAIL"
-    print(f"gpu_check {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in "
-          f"{elapsed:.0f} s (budget {TOTAL_BUDGET} s on a GPU) on {where}, torch {torch.__version__}", flush=True)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        for name in names:
+            t0 = time.time()
+            budget = CHECKS[name] * (3 if setup.tiny else 1)  # the CPU mode tries the logic; its time says little
+            setup.deadline = t0 + budget
+            reference_took = reference.took
+            try:
+                if setup.end - t0 < MIN_START:
+                    raise OutOfTime(f"not started: {max(setup.end - t0, 0):.0f} s left of the {time_cap} s time cap")
+                line, status[name] = functions[name](setup, reference), "PASS"
+            except Skip as e:
+                line, status[name] = str(e), "SKIP"
+            except CheckFailed as e:
+                line, status[name] = str(e), "FAIL"
+            except Terminated:
+                line, status[name] = "stopped by SIGTERM", "FAIL"
+                raise
+            except Exception as e:  # a check's own bug or the library's: reported, and the others still run
+                line, status[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", "FAIL"
+            finally:
+                took = time.time() - t0 - (reference.took - reference_took)  # the reference's time is its own
+                if reference.took != reference_took:
+                    print(f"(the float32 reference: {reference.took:.0f} s, "
+                          f"{'failed' if reference.error else f'{reference.steps} steps'})", flush=True)
+                if status.get(name) == "PASS" and took > budget:  # a check in this process can only be judged
+                    line, status[name] = f"{line}; but it took {took:.0f} s, over its {budget} s budget", "FAIL"
+                print(f"{status[name]} {name:9s} {took:5.0f} s  {line}", flush=True)
+    except Terminated:
+        pass  # the checks not run are counted as skipped below
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for name in names:
+            status.setdefault(name, "SKIP")
+        counts = {s: sum(v == s for v in status.values()) for s in ("PASS", "FAIL", "SKIP")}
+        elapsed = time.time() - start
+        where = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "CPU (tiny shapes)"
+        verdict = "PASS" if not counts["FAIL"] else "FAIL"
+        print(f"gpu_check {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in "
+              f"{elapsed:.0f} s (time cap {time_cap} s) on {where}, torch {torch.__version__}", flush=True)
     return verdict, status
+
+
+def scratch_dir():
+    """A temporary directory for the runs' data, logs and checkpoints: on the RAM disk where there is one with room
+    (a 124M checkpoint with AdamW's state is 1.5 GB), else the system's temporary directory."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 16 * 2**30:
+        return tempfile.mkdtemp(prefix="gpu_check_", dir=shm)
+    return tempfile.mkdtemp(prefix="gpu_check_")
 
 
 def main(cfg, _):
@@ -458,14 +611,18 @@ def main(cfg, _):
         return
     device = torch.device("cpu" if cfg.device == "cpu" else "cuda")
     tiny = device.type == "cpu"
-    work = cfg.keep or tempfile.mkdtemp(prefix="gpu_check_")
+    if cfg.time_cap < 1:
+        raise gpt2.UserError(f"--time_cap={cfg.time_cap}: expected the run's seconds, >= 1 (540 fits a 10-minute limit)")
+    # offline by construction: transformers and the hub read local files only, tiktoken its cache (tokenizer())
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    work = cfg.keep or scratch_dir()
     os.makedirs(work, exist_ok=True)
     try:
         setup = Setup(device, work, os.path.join(work, "data"), tiny, kept=bool(cfg.keep))
         # 50 steps of the bf16 check read 50 x 16 x 1024 tokens, plus the memory check's first micro-batches
         write_pattern_shards(setup.data_dir, setup.model["vocab_size"], 60_000 if tiny else 2_000_000,
                              10_000 if tiny else 100_000)
-        verdict, _ = run_checks(setup, names)
+        verdict, _ = run_checks(setup, names, cfg.time_cap)
     finally:
         if not cfg.keep:
             shutil.rmtree(work, ignore_errors=True)
