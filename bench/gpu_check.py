@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from plot import read_log  # noqa: E402
 CHECKS = {  # name: seconds it may take on a GPU (a cold compile of 124M is about a minute); the CPU mode runs in seconds
     "bf16": 200, "fsdp": 75, "float16": 60, "memory": 60, "greedy": 40, "hellaswag": 40, "speed": 150, "auto": 150,
 }
+WARMUP = 10  # the training checks' warmup steps; the learning rate is constant after them
 REFERENCE_BUDGET = 60  # seconds for the float32 eager run the training checks compare with (made once, when first asked)
 MIN_START = 15  # seconds: a check is not started with less than this left of the run's time cap (it is skipped)
 GRACE = 10  # seconds a stopped run gets to end after SIGTERM (torchrun's agent stops its workers) before SIGKILL
@@ -122,8 +124,9 @@ class Setup:
 
 def write_pattern_shards(data_dir, vocab, n_train, n_val, seed=0):
     """Token shards with something to learn: each token is 7 x the previous plus 0-3, mod a 4096-token (or smaller)
-    alphabet, so the loss falls from ln(vocab) towards ln(4) within tens of steps and the runs' curves are worth
-    comparing (random tokens would sit at ln(vocab) from the start)."""
+    alphabet. The loss falls from ln(vocab) to about ln(alphabet) within the warmup (on an H200, 124M: 10.97 to 8.4 in
+    15 steps), so the first steps of two runs are worth comparing step by step; after them it sits at that plateau,
+    with rare spikes, and medians are compared (tracks)."""
     os.makedirs(data_dir, exist_ok=True)
     alphabet = min(vocab, 4096)
     rng = np.random.default_rng(seed)
@@ -250,7 +253,7 @@ def gpt2_args(setup, log_dir, *args, steps=50, checkpoint_every=0):
     shape = [f"--{k}={v}" for k, v in setup.model.items()]
     batch = setup.micro_batch * setup.model["block_size"]
     return [*shape, f"--data_dir={setup.data_dir}", f"--log_dir={log_dir}", f"--micro_batch_size={setup.micro_batch}",
-            f"--total_batch_size={batch}", f"--max_steps={steps}", "--warmup_steps=10", "--max_lr=6e-4", "--min_lr=6e-4",
+            f"--total_batch_size={batch}", f"--max_steps={steps}", f"--warmup_steps={WARMUP}", "--max_lr=6e-4", "--min_lr=6e-4",
             "--val_every=0", "--hellaswag_every=0", "--sample_every=0", f"--checkpoint_every={checkpoint_every}",
             f"--device={setup.device.type}", *args]
 
@@ -306,6 +309,32 @@ def within(name, ours, reference, rtol, steps):
     return text
 
 
+WINDOW = 10  # steps whose median is compared, once runs at the loss plateau are compared
+
+
+def tracks(name, ours, reference, rtol, steps, exact):
+    """Whether a run follows another: each of its first `exact` steps within rtol, and after them the median of each
+    WINDOW steps. Past warmup the check's runs sit at their data's plateau (about ln 4096), where a rare spike (a grad
+    norm of 50-100 at one step, seen on an H200 in float32 too) lands on other steps in other precisions: step by step
+    the curves then differ by 10-25% at a few steps while their medians agree to 0.2%. One line, or CheckFailed."""
+    head, tail = steps[:exact], steps[exact:]
+    text = within(name, ours, reference, rtol, head)
+    medians = []
+    for i in range(0, len(tail), WINDOW):
+        window = tail[i:i + WINDOW]
+        compare_losses(ours, reference, rtol, window)  # every step logged and finite
+        mine, theirs = (statistics.median(run[s] for s in window) for run in (ours, reference))
+        medians.append((abs(mine - theirs) / theirs, window, mine, theirs))
+    if not medians:
+        return text
+    worst, window, mine, theirs = max(medians)
+    text += (f"; then medians of {WINDOW} steps: worst {100 * worst:.2f}% (steps {window[0]}-{window[-1]}: {mine:.4f} vs "
+             f"{theirs:.4f})")
+    if worst > rtol:
+        raise CheckFailed(f"{text}, over the {100 * rtol:g}% allowed")
+    return text
+
+
 class Reference:
     """The float32 eager run the others are compared with, made once, by the first check that asks for it. It has a
     budget of its own (REFERENCE_BUDGET), and its time is its own: the asking check's deadline moves on by it and
@@ -340,7 +369,7 @@ def train_and_resume(setup, name, args, steps, rtol, reference, ranks=0):
     # gpt2.py also writes one at the end (1.5 GB at 124M), which nothing reads: removed at once
     losses, _ = run_gpt2(setup, log_dir, *args, ranks=ranks, steps=steps, checkpoint_every=half)
     os.remove(gpt2.checkpoint_path(log_dir, steps))
-    figures = [within(f"{steps} losses vs float32 eager", losses, reference(setup), rtol, list(range(steps)))]
+    figures = [tracks(f"{steps} losses vs float32 eager", losses, reference(setup), rtol, list(range(steps)), WARMUP + 1)]
     resumed = log_dir + "_resumed"  # the run as it was when stopped halfway: its log and the checkpoint there (moved)
     os.makedirs(resumed)
     shutil.copy(os.path.join(log_dir, "log.txt"), resumed)
@@ -356,7 +385,7 @@ def train_and_resume(setup, name, args, steps, rtol, reference, ranks=0):
                               f"(bitwise expected on a CPU)")
         figures.append(f"resumed at step {half}: {len(second)} losses bitwise equal")
     else:
-        figures.append(within(f"resumed at step {half}", again, losses, TOLERANCES["resume_gpu"], second))
+        figures.append(tracks(f"resumed at step {half}", again, losses, TOLERANCES["resume_gpu"], second, 2))
     return "; ".join(figures)
 
 

@@ -64,6 +64,55 @@ def test_a_loss_out_of_tolerance_fails_naming_its_step():
         gpu_check.within("x", {s: v for s, v in close.items() if s < 9}, reference, 0.03, list(range(10)))
 
 
+def test_after_warmup_a_spike_on_another_step_passes_and_a_shifted_plateau_fails():
+    # as seen on an H200: float32 and bf16 agree step by step through warmup, then spike on different steps
+    reference = {s: 11.0 - 0.25 * s if s <= 10 else 8.35 for s in range(30)}
+    spiky = dict(reference) | {15: 10.5, 24: 9.9}  # one spike in each window: 26% off at step 15
+    with pytest.raises(gpu_check.CheckFailed, match=r"worst 25.7\d% \(step 15"):
+        gpu_check.within("x", spiky, reference, 0.03, list(range(30)))
+    text = gpu_check.tracks("x", spiky, reference | {21: 12.0}, 0.03, list(range(30)), 11)
+    assert "worst 0.00% (step 0" in text and "then medians of 10 steps: worst 0.00%" in text
+    shifted = {s: v * (1.05 if s >= 20 else 1) for s, v in reference.items()}
+    with pytest.raises(gpu_check.CheckFailed, match=r"medians of 10 steps: worst 5.00% \(steps 21-29: 8.7675 vs 8.3500\)"):
+        gpu_check.tracks("x", shifted, reference, 0.03, list(range(30)), 11)
+    early = dict(reference) | {5: reference[5] * 1.04}  # warmup steps are compared one by one
+    with pytest.raises(gpu_check.CheckFailed, match=r"worst 4.00% \(step 5"):
+        gpu_check.tracks("x", early, reference, 0.03, list(range(30)), 11)
+
+
+def test_a_torchrun_worker_stops_at_the_deadline(setup, tmp_path):
+    # torchrun starts its worker in a session of its own: stopping torchrun's group alone would leave it running
+    script = tmp_path / "worker.py"
+    script.write_text("import time\ntime.sleep(20.5)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local_addr=127.0.0.1", "--nproc_per_node=1",
+           str(script)]
+    start = time.time()
+    setup.deadline = start + 6
+    with pytest.raises(gpu_check.CheckFailed, match="worker.py ran past the check's time budget and was stopped"):
+        gpu_check.run_process(cmd, setup)
+    assert time.time() - start < 6 + gpu_check.GRACE + 3  # not the worker's 20 s
+    time.sleep(0.5)
+    assert not [pid for pid in gpu_check.descendants(1) if b"worker.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+
+
+def test_the_time_cap_skips_what_it_cannot_run_and_the_summary_prints(setup, capsys):
+    verdict, status = gpu_check.run_checks(setup, ["greedy", "hellaswag"], time_cap=gpu_check.MIN_START - 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert verdict == "PASS" and status == {"greedy": "SKIP", "hellaswag": "SKIP"}
+    assert lines[0].startswith("SKIP greedy") and "not started: 14 s left of the 14 s time cap" in lines[0]
+    assert lines[-1].startswith("gpu_check PASS: 0 passed, 0 failed, 2 skipped in ")
+
+
+def test_no_tokenizer_file_fails_at_once_naming_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gpu_check, "ROOT", str(tmp_path))  # no demo/tiktoken_cache either
+    start = time.time()
+    with pytest.raises(gpu_check.CheckFailed, match=rf"no tokenizer file {gpu_check.R50K_CACHE_FILE} in TIKTOKEN_CACHE_DIR "
+                                                   rf"\({tmp_path}\) or {tmp_path}/demo/tiktoken_cache/: bring"):
+        gpu_check.tokenizer()
+    assert time.time() - start < 1
+
+
 def test_a_run_past_its_budget_is_stopped_with_its_children(setup, tmp_path):
     # as torchrun starts gpt2.py workers: a script that starts a child of its own and waits
     script = tmp_path / "launcher.py"
