@@ -142,3 +142,14 @@ def run_cli(main, cfg, argv):
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         sys.exit(1)
+
+
+def expand_aliases(argv):
+    """-m NAME is --model=NAME, the short form hellaswag.py and evaluate.py accept; everything else is --name=value."""
+    out = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "-m":
+            arg = f"--model={next(args, '')}"
+        out.append(arg)
+    return out

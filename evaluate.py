@@ -20,7 +20,7 @@ on the run's own data_dir and val_tokens, HellaSwag with gpt2.py's scorer, and h
 (lines `<step> <task>/<metric> <value>`). DIR/evaluated.jsonl notes what was evaluated with which settings: a
 checkpoint evaluated already with the same settings is skipped, and no line already in log.txt is rewritten.
 
-This file imports gpt2 and hellaswag, never the reverse.
+This file imports gpt2 and cli, never another command.
 """
 
 import dataclasses
@@ -33,11 +33,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import ANY, Relation, UserError, at_least, check_settings, one_of, run_cli
+from cli import ANY, Relation, UserError, at_least, check_settings, expand_aliases, one_of, run_cli
 from gpt2 import (
     GPT,
     GPT2_VOCAB,
     ValLoader,
+    check_model_path,
     check_torch_version,
     evaluate_hellaswag,
     evaluate_loss,
@@ -56,7 +57,6 @@ from gpt2 import (
     teardown_distributed,
 )
 from gpt2 import Config as RunConfig  # a training run's settings, as its checkpoints hold them
-from hellaswag import check_model_path, expand_aliases
 
 try:  # optional: --log_dir without --tasks runs without the harness
     from lm_eval.api.model import TemplateLM

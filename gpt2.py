@@ -2282,6 +2282,16 @@ def is_hf_model(init_from):
     return init_from.removeprefix("openai-community/") in HF_HUB_NAMES or os.path.isfile(os.path.join(init_from, "config.json"))
 
 
+def check_model_path(name):
+    """A -m that names a local path must be a directory saved by transformers; anything else is a hub name.
+    hellaswag.py and evaluate.py call it first, so that a wrong path stops them before any download."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        what = "does not exist" if not os.path.exists(os.path.expanduser(name)) else "holds no config.json"
+        raise UserError(f"-m {name}: that directory {what}; pass a directory saved by transformers (save_pretrained, "
+                        f"or gpt2.py --mode=export) or a hub name such as gpt2")
+
+
 def load_hf_model(name_or_dir, device="cpu"):
     """Our GPT with the weights of a Hugging Face GPT-2: a hub name (gpt2, gpt2-xl, ...) or a local directory."""
     from transformers import GPT2LMHeadModel  # heavy, and only needed here

@@ -12,13 +12,13 @@ internet pass --data_file=path/to/hellaswag_val.jsonl. The scorer itself (build-
 evaluation section, where training calls it too: this file imports gpt2, never the reverse.
 """
 
-import os
 import sys
 from dataclasses import dataclass
 
-from cli import ANY, NOT_EMPTY, Relation, UserError, at_least, check_settings, one_of, run_cli
+from cli import ANY, NOT_EMPTY, Relation, at_least, check_settings, expand_aliases, one_of, run_cli
 from gpt2 import (
     HELLASWAG_URL,
+    check_model_path,
     check_torch_version,
     evaluate_hellaswag,
     load_hellaswag,
@@ -70,15 +70,6 @@ RELATIONS = [
 # --- command line ---
 
 
-def check_model_path(name):
-    """A -m that names a local path must be a directory saved by transformers; anything else is a hub name."""
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
-    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
-        what = "does not exist" if not os.path.exists(os.path.expanduser(name)) else "holds no config.json"
-        raise UserError(f"-m {name}: that directory {what}; pass a directory saved by transformers (save_pretrained, "
-                        f"or gpt2.py --mode=export) or a hub name such as gpt2")
-
-
 def main(cfg, overridden):
     check_torch_version()
     check_settings(cfg, RULES, RELATIONS)
@@ -100,17 +91,6 @@ def main(cfg, overridden):
         say(f"{result['n']} acc: {result['acc']:.4f} acc_norm: {result['acc_norm']:.4f}", flush=True)
     finally:
         teardown_distributed()
-
-
-def expand_aliases(argv):
-    """-m NAME is --model=NAME; everything else is --name=value."""
-    out = []
-    args = iter(argv)
-    for arg in args:
-        if arg == "-m":
-            arg = f"--model={next(args, '')}"
-        out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 from machine import describe  # noqa: E402
 
 from cli import run_cli  # noqa: E402
+from offline import docstring_docs, ensure_tokenizer, reference_docs  # noqa: E402
 from plot import read_log  # noqa: E402
 
 
@@ -58,14 +59,12 @@ class Config:
 def corpus_tokens(vocab_size, val_tokens, seed=0):
     """(train, val) uint16 token arrays of demo.py's corpus, documents shuffled as the demo shuffles them, the val split
     the first documents; ids renumbered by their frequency in train, the rarest sharing id vocab_size - 1."""
-    import demo
-
     if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(ROOT, "..", "shared", "tiktoken_cache")):
         os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.path.join(ROOT, "..", "shared", "tiktoken_cache"))
-    demo.ensure_tokenizer(os.path.join(ROOT, "demo"))
+    ensure_tokenizer(os.path.join(ROOT, "demo"))
     from gpt2 import get_tokenizer
 
-    docs = list(itertools.chain(demo.reference_docs(), demo.docstring_docs()))
+    docs = list(itertools.chain(reference_docs(), docstring_docs()))
     random.Random(seed).shuffle(docs)
     eot = get_tokenizer().eot_token
     tokens = [np.array([eot, *doc], dtype=np.int64) for doc in get_tokenizer().encode_ordinary_batch(docs)]

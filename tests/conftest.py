@@ -44,9 +44,9 @@ BYTE_TO_CHAR = bytes_to_unicode()
 
 def ensure_tokenizer_files():
     """tiktoken's GPT-2 files (r50k_base, which the scripts use, and gpt2, which tests compare with) for a machine
-    whose only network is the package index: demo.py's route (openai-whisper's sdist on PyPI, checked by SHA-256)
-    into demo/tiktoken_cache (git ignores demo/), and gpt2's two files rebuilt from it, checked against the SHA-256
-    tiktoken expects. Nothing happens where tiktoken already loads both."""
+    whose only network is the package index: the demo's route, offline.ensure_tokenizer (openai-whisper's sdist on
+    PyPI, checked by SHA-256) into demo/tiktoken_cache (git ignores demo/), and gpt2's two files rebuilt from it,
+    checked against the SHA-256 tiktoken expects. Nothing happens where tiktoken already loads both."""
     import tiktoken
 
     try:
@@ -54,15 +54,15 @@ def ensure_tokenizer_files():
         return
     except Exception:
         pass
-    import demo
     import gpt2
+    import offline
 
     demo_dir = os.path.join(ROOT, "demo")
     cache_dir = os.path.join(demo_dir, "tiktoken_cache")
     os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
-    demo.ensure_tokenizer(demo_dir)
+    offline.ensure_tokenizer(demo_dir)
     cached = lambda url: os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-    with open(cached(demo.R50K_URL), "rb") as f:
+    with open(cached(offline.R50K_URL), "rb") as f:
         derived = dict(zip(("vocab.json", "merges.txt"), gpt2_files_from_r50k(f.read()), strict=True))
     for name, (url, sha256) in gpt2.GPT2_TOKENIZER_FILES.items():
         assert hashlib.sha256(derived[name]).hexdigest() == sha256, f"rebuilt GPT-2 {name} differs from tiktoken's"

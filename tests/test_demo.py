@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 import demo
+import offline
 
 
 def test_corpus_is_pythons_documentation(tmp_path):
@@ -31,7 +32,7 @@ def test_corpus_is_pythons_documentation(tmp_path):
 
 def test_docstrings_are_read_without_importing():
     before = set(sys.modules)
-    first = next(demo.docstring_docs())
+    first = next(offline.docstring_docs())
     assert len(first) > 40
     assert "antigravity" not in set(sys.modules) - before  # ast reads the files; importing some would open a browser
 
@@ -55,8 +56,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 def test_tokenizer_file_from_pypi_serves_tiktoken(tmp_path):
-    # the bytes demo.py takes from openai-whisper's sdist are r50k_base.tiktoken; here they come from tiktoken's
-    # cache, and a fresh process must load GPT-2's tokenizer from the folder demo.py writes, and only from there
+    # the bytes demo.py takes from openai-whisper's sdist (offline.py) are r50k_base.tiktoken; here they come from
+    # tiktoken's cache, and a fresh process must load GPT-2's tokenizer from the folder demo.py writes, and only from there
     import tiktoken
     from tiktoken.load import read_file_cached
 
@@ -64,7 +65,7 @@ def test_tokenizer_file_from_pypi_serves_tiktoken(tmp_path):
     import gpt2
 
     assert fineweb.TOKENIZER == gpt2.TOKENIZER == "r50k_base"
-    demo.install_tokenizer_file(read_file_cached(demo.R50K_URL, demo.R50K_SHA256), str(tmp_path / "cache"))
+    offline.install_tokenizer_file(read_file_cached(offline.R50K_URL, offline.R50K_SHA256), str(tmp_path / "cache"))
     text = "GPT-2's tokenizer: <|endoftext|> is ordinary text here, 12345 tokens."
     code = f"import tiktoken; print(tiktoken.get_encoding('r50k_base').encode_ordinary({text!r}))"
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"))

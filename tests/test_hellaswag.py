@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY, run_gpt2
 
+import cli
 import gpt2
 import hellaswag
 
@@ -337,4 +338,4 @@ def test_exactly_one_model_is_required(capsys):
             hellaswag.run_cli(hellaswag.main, hellaswag.Config(), hellaswag.expand_aliases(argv))
         err = capsys.readouterr().err
         assert err.startswith("error: pass exactly one of") and err.count("\n") == 1
-    assert hellaswag.expand_aliases(["-m", "gpt2-xl", "--limit=5"]) == ["--model=gpt2-xl", "--limit=5"]
+    assert cli.expand_aliases(["-m", "gpt2-xl", "--limit=5"]) == ["--model=gpt2-xl", "--limit=5"]
