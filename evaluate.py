@@ -23,6 +23,11 @@ checkpoint evaluated already with the same settings is skipped, and no line alre
 This file imports gpt2 and cli, never another command.
 """
 
+if __name__ == "__main__":  # --help is read from this file's text, before the imports below load torch
+    from cli import answer_help
+
+    answer_help(__file__)
+
 import dataclasses
 import json
 import os

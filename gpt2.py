@@ -19,6 +19,11 @@ loop and what it calls), evaluation (validation loss, HellaSwag) and sampling, c
 and the command line. hellaswag.py is the command line for HellaSwag alone; it imports this file, never the reverse.
 """
 
+if __name__ == "__main__":  # --help is read from this file's text, before the imports below load torch
+    from cli import answer_help
+
+    answer_help(__file__)
+
 import dataclasses
 import datetime
 import functools

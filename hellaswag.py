@@ -12,6 +12,11 @@ internet pass --data_file=path/to/hellaswag_val.jsonl. The scorer itself (build-
 evaluation section, where training calls it too: this file imports gpt2, never the reverse.
 """
 
+if __name__ == "__main__":  # --help is read from this file's text, before the imports below load torch
+    from cli import answer_help
+
+    answer_help(__file__)
+
 import sys
 from dataclasses import dataclass
 

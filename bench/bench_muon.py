@@ -49,8 +49,7 @@ class Config:
     vocab_size: int = 4096  # the most frequent tokens kept (see the docstring)
     max_steps: int = 150  # ~0.15M tokens, a quarter of the train split: no token is seen twice
     warmup_steps: int = 8
-    adamw_lrs: str = "1e-3,2e-3,4e-3"  # AdamW's sweep of max_lr (min_lr = max_lr / 10); a best at either end adds one
-    # more rate beyond it (x2 or /2), so that the best is bracketed when it can be
+    adamw_lrs: str = "1e-3,2e-3,4e-3"  # AdamW's max_lr sweep (min_lr = max_lr / 10); a best at an end adds one beyond (x2, /2)
     val_every: int = 10
     val_tokens: int = 4096  # the val split: the first documents of the shuffled corpus, about this many tokens
     threads: int = 0  # torch threads per run; 0 = torch's default (every core)

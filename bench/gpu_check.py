@@ -40,6 +40,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # --help is read from this file's text, before the imports below load torch
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cli import answer_help
+
+    answer_help(__file__)
+
 import numpy as np
 import torch
 
@@ -48,7 +54,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import gpt2  # noqa: E402
-from cli import run_cli  # noqa: E402
+from cli import merge_settings, run_cli  # noqa: E402
 from plot import read_log  # noqa: E402
 
 CHECKS = {  # name: seconds it may take on a GPU (a cold compile of 124M is about a minute); the CPU mode runs in seconds
@@ -248,14 +254,16 @@ def run_process(cmd, setup, env=None):
 
 
 def gpt2_args(setup, log_dir, *args, steps=50, checkpoint_every=0):
-    """gpt2.py's command line for a check's run; `args` come last, so they override the others. The learning rate is
-    constant after its warmup (min_lr = max_lr), so runs of any length share their first steps."""
+    """gpt2.py's command line for a check's run; `args` replace the others' values (gpt2.py refuses a setting given
+    twice). The learning rate is constant after its warmup (min_lr = max_lr), so runs of any length share their first
+    steps."""
     shape = [f"--{k}={v}" for k, v in setup.model.items()]
     batch = setup.micro_batch * setup.model["block_size"]
-    return [*shape, f"--data_dir={setup.data_dir}", f"--log_dir={log_dir}", f"--micro_batch_size={setup.micro_batch}",
-            f"--total_batch_size={batch}", f"--max_steps={steps}", f"--warmup_steps={WARMUP}", "--max_lr=6e-4", "--min_lr=6e-4",
-            "--val_every=0", "--hellaswag_every=0", "--sample_every=0", f"--checkpoint_every={checkpoint_every}",
-            f"--device={setup.device.type}", *args]
+    return merge_settings([
+        *shape, f"--data_dir={setup.data_dir}", f"--log_dir={log_dir}", f"--micro_batch_size={setup.micro_batch}",
+        f"--total_batch_size={batch}", f"--max_steps={steps}", f"--warmup_steps={WARMUP}", "--max_lr=6e-4", "--min_lr=6e-4",
+        "--val_every=0", "--hellaswag_every=0", "--sample_every=0", f"--checkpoint_every={checkpoint_every}",
+        f"--device={setup.device.type}", *args])
 
 
 def run_gpt2(setup, log_dir, *args, ranks=0, steps=50, checkpoint_every=0):

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
+from cli import merge_settings  # noqa: E402
 
 
 def bytes_to_unicode():
@@ -115,7 +115,8 @@ def run_gpt2(*args, torchrun_ranks=0, check=True, timeout=600):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_ranks}"]
     else:
         cmd = [sys.executable]
-    proc = subprocess.run(cmd + [os.path.join(ROOT, "gpt2.py"), *args], capture_output=True, text=True,
+    # a test's own settings replace TINY's: gpt2.py refuses a setting given twice with two values
+    proc = subprocess.run(cmd + [os.path.join(ROOT, "gpt2.py"), *merge_settings(args)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"gpt2.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -21,6 +21,7 @@ from test_hellaswag import ROWS, write_jsonl
 import evaluate
 import gpt2
 import plot
+from cli import merge_settings
 
 pytest.importorskip("lm_eval")
 
@@ -188,8 +189,8 @@ def trained(tmp_path_factory):
     for split in ("val", "train"):
         np.save(data_dir / f"edufineweb_{split}_000000.npy", np.array(tokens, dtype=np.uint16))
     log_dir = str(root / "log")
-    gpt2.run_cli(gpt2.main, gpt2.Config(), [*TINY, "--vocab_size=50257", f"--data_dir={data_dir}", f"--log_dir={log_dir}",
-                                            "--max_steps=1", "--val_every=1", "--checkpoint_every=1", "--max_lr=1e-2"])
+    gpt2.run_cli(gpt2.main, gpt2.Config(), merge_settings([*TINY, "--vocab_size=50257", f"--data_dir={data_dir}",
+                 f"--log_dir={log_dir}", "--max_steps=1", "--val_every=1", "--checkpoint_every=1", "--max_lr=1e-2"]))
     expected = independent_val(os.path.join(log_dir, "model_00001.pt"), tokens, BLOCK_SIZE, root)
     return log_dir, tokens, expected
 

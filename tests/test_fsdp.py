@@ -17,6 +17,7 @@ from conftest import ROOT, TINY, read_log, run_gpt2
 from test_train import T, assert_logs_close, assert_weights_close, final_weights
 
 import gpt2
+from cli import merge_settings
 
 # vocab 50304 so that HellaSwag and the samples (GPT-2 token ids) can run too, on every rank under FSDP
 BATCH = ["--vocab_size=50304", "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--warmup_steps=2", "--max_steps=6",
@@ -35,7 +36,7 @@ def run_two_nodes(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                f"--node_rank={i}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                               "--rdzv_id=fsdp_test", os.path.join(ROOT, "gpt2.py"), *args],
+                               "--rdzv_id=fsdp_test", os.path.join(ROOT, "gpt2.py"), *merge_settings(args)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
              for i in range(2)]
     outs = [node.communicate(timeout=600) for node in nodes]

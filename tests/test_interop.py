@@ -147,9 +147,9 @@ def test_wandb_gets_the_metrics_from_rank_0(tmp_path, shards, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
     cfg = gpt2.Config()
-    overridden = cli.apply_overrides(cfg, [*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}",
-                                            "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2",
-                                            "--val_tokens=64", "--wandb_log=1", "--wandb_project=p", "--wandb_run_name=r"])
+    overridden = cli.apply_overrides(cfg, cli.merge_settings([
+        *TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}", "--total_batch_size=64", "--max_steps=2",
+        "--warmup_steps=1", "--val_every=2", "--val_tokens=64", "--wandb_log=1", "--wandb_project=p", "--wandb_run_name=r"]))
     gpt2.train(cfg, overridden)
     log = read_log(str(tmp_path / "log"))
     assert calls[0] == ("init", "p", "r", 2) and calls[-1] == "finish"

@@ -11,6 +11,7 @@ import time
 import pytest
 from conftest import ROOT, TINY, read_log, run_gpt2, write_shards
 
+from cli import merge_settings
 from gpt2 import list_checkpoints
 
 # the crash runs use a bigger vocabulary, so that writing a checkpoint takes long enough to be caught doing it
@@ -110,7 +111,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes(shards, tmp_path)
     restarted = tmp_path / "restarted"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
-           os.path.join(ROOT, "gpt2.py"), *common, f"--log_dir={restarted}"]
+           os.path.join(ROOT, "gpt2.py"), *merge_settings([*common, f"--log_dir={restarted}"])]
     torchrun = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def workers():

@@ -67,7 +67,7 @@ def test_every_bad_setting_is_one_line_before_any_work(script, name, argv, tmp_p
     module = SCRIPTS[script]
     assert name in module.RULES, f"{script}.py's Config.{name} has no rule: add one to {script}.RULES"
     monkeypatch.chdir(tmp_path)
-    code, err = run_in_process(script, safe_base(tmp_path)[script] + argv, capsys)
+    code, err = run_in_process(script, cli.merge_settings(safe_base(tmp_path)[script] + argv), capsys)
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert name in err and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []  # nothing written, nothing downloaded

@@ -153,7 +153,7 @@ def one_line_error(*args):
 
 def test_override_errors():
     err = one_line_error("--n_layers=4")
-    assert "unknown setting 'n_layers'" in err and "accepted settings are data_dir, log_dir" in err
+    assert "unknown setting 'n_layers': did you mean n_layer?" in err
     assert "--max_lr=fast: expected a float" in one_line_error("--max_lr=fast")
     assert "--n_layer=2.5: expected an int" in one_line_error("--n_layer=2.5")
     assert "--compile=maybe: expected 0, 1, true or false" in one_line_error("--compile=maybe")
