@@ -1122,19 +1122,22 @@ def free_memory(device, local_world_size=1):
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else io.StringIO() as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
-    free = [info["MemAvailable"]] if "MemAvailable" in info else []
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit = f.read().strip()
-            if limit != "max":
-                free.append(int(limit) - int(g.read()))
-    except (OSError, ValueError):
-        pass
-    if not free:  # not Linux: psutil would know, but it is not a requirement; assume the whole of a laptop
+    free = []
+    for path, read in (("/proc/meminfo", lambda f: int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)[1]) * 1024),
+                       ("/sys/fs/cgroup/memory.max", lambda f: int(f.read()) - cgroup_usage())):
+        try:
+            with open(path) as f:
+                free.append(read(f))
+        except (OSError, ValueError, TypeError):  # not Linux, no cgroup v2, or no limit ("max")
+            pass
+    if not free:  # neither is known (macOS, Windows): assume a laptop's 8 GB
         free = [8 * 2**30]
     return min(free) // local_world_size
+
+
+def cgroup_usage():
+    with open("/sys/fs/cgroup/memory.current") as f:
+        return int(f.read())
 
 
 def usable_memory(free):

@@ -150,3 +150,17 @@ def test_one_ranks_out_of_memory_halves_every_ranks_micro_batch(shards, tmp_path
     assert sorted(ours) == list(range(4))
     for step in ours:
         assert ours[step] == pytest.approx(theirs[step], abs=1e-6), step
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads Linux's /proc/meminfo")
+def test_free_memory_on_the_cpu_is_the_available_ram_shared_by_the_ranks():
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            available = min(available, int(f.read()) - int(g.read()))
+    except (OSError, ValueError):  # no cgroup v2 here, or no limit ("max")
+        pass
+    cpu = torch.device("cpu")
+    assert gpt2.free_memory(cpu) == pytest.approx(available, rel=0.05)
+    assert gpt2.free_memory(cpu, local_world_size=2) == pytest.approx(available / 2, rel=0.05)
