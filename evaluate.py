@@ -18,7 +18,10 @@ harness's own rank and world size), and rank 0 prints the harness's table and wr
 checkpoint's step, so that plot.py draws a run that trained with evaluation off: validation loss and bits per byte
 on the run's own data_dir and val_tokens, HellaSwag with gpt2.py's scorer, and harness tasks when --tasks is given
 (lines `<step> <task>/<metric> <value>`). DIR/evaluated.jsonl notes what was evaluated with which settings: a
-checkpoint evaluated already with the same settings is skipped, and no line already in log.txt is rewritten.
+checkpoint evaluated already with the same settings is skipped. log.txt never holds two values of one metric at one step:
+evaluated again with other settings (another --data_dir, --val_tokens, --hellaswag_file or --limit), the new values
+replace those logged at that step before (by training or by evaluate.py) and a line says which; log.txt is then
+rewritten whole, to a temporary file renamed over it, with each new value in the old one's place.
 
 This file imports gpt2 and cli, never another command.
 """
@@ -442,7 +445,7 @@ def evaluate_run(cfg, overridden, d, say):
         model.load_state_dict(ckpt["model"])
         model.to(d.device).eval()
         del ckpt
-        for job, settings, own in todo:
+        for job, settings in todo:
             if job == "val":
                 loader = ValLoader(settings["data_dir"], settings["val_tokens"], run.micro_batch_size, run.block_size,
                                    d.rank, d.world_size, run.vocab_size)
@@ -452,7 +455,8 @@ def evaluate_run(cfg, overridden, d, say):
             elif job == "hella":
                 check_vocab(model, f"checkpoint {path}", "pass --hellaswag=0")  # before the download
                 if settings["file"] not in hellaswag_data:
-                    hellaswag_data[settings["file"]] = load_hellaswag("val", settings["file"] or None, is_master=d.is_master)
+                    hellaswag_data[settings["file"]] = load_hellaswag("val", settings["file"] or None, is_master=d.is_master,
+                                                                      setting="--hellaswag_file")
                 result = evaluate_hellaswag(model, hellaswag_data[settings["file"]], d.device, autocast, d.rank,
                                             d.world_size, cfg.batch_size)
                 lines = [("hella", f"{result['acc_norm']:.4f}")]
@@ -465,9 +469,10 @@ def evaluate_run(cfg, overridden, d, say):
                 if d.is_master:
                     print_tables(results)
             if d.is_master:
-                write = [(k, v) for k, v in lines if settings != own or (step, k) not in logged]  # never a second value
-                with open(log_file, "a") as f:
-                    f.writelines(f"{step} {k} {v}\n" for k, v in write)
+                replaced = put_lines(log_file, step, lines)
+                if replaced:
+                    say(f"{name} (step {step}) | replaced in log.txt by this evaluation: "
+                        + ", ".join(f"{k} {old} -> {new}" for k, old, new in replaced))
                 with open(os.path.join(cfg.log_dir, DONE_FILE), "a") as f:
                     f.write(json.dumps({"checkpoint": name, "step": step, "job": job, "settings": settings,
                                         "kinds": [k for k, _ in lines]}) + "\n")
@@ -477,11 +482,11 @@ def evaluate_run(cfg, overridden, d, say):
 
 
 def jobs_to_do(cfg, tasks, run, name, step, done, logged):
-    """The evaluations of checkpoint `name` that are not done yet: [(job, its settings, the run's own settings)].
+    """The evaluations of checkpoint `name` that are not done yet: [(job, its settings)].
 
     A job is done when evaluated.jsonl notes it for this checkpoint with the same settings and its lines are still in
-    log.txt (a resumed run cuts log.txt back), or, for validation and HellaSwag with the settings the run trained with,
-    when training logged its lines at this step.
+    log.txt (a resumed run cuts log.txt back) and not replaced by a later evaluation, or, for validation and HellaSwag
+    with the settings the run trained with, when training logged its lines at this step and no evaluation replaced them.
     """
     jobs = [("val", {"data_dir": cfg.data_dir or run.data_dir, "val_tokens": cfg.val_tokens or run.val_tokens},
              {"data_dir": run.data_dir, "val_tokens": run.val_tokens})]
@@ -490,15 +495,48 @@ def jobs_to_do(cfg, tasks, run, name, step, done, logged):
     if tasks:
         jobs.append(("tasks", {"tasks": tasks, "include_path": cfg.include_path, "limit": cfg.limit}, None))
     training_kinds = {"val": ["val", "bpb"], "hella": ["hella"]}
+    noted = [r for r in done if r["checkpoint"] == name]  # oldest first: each replaced the values it wrote
+    later = [{k for r in noted[i + 1:] for k in r["kinds"]} for i in range(len(noted))]
+    current = [all((step, k) in logged and k not in later[i] for k in r["kinds"]) for i, r in enumerate(noted)]
+    replaced = {k for r in noted for k in r["kinds"]}  # not training's values any more
     todo = []
     for job, settings, own in jobs:
-        noted = [r for r in done if (r["checkpoint"], r["job"], r["settings"]) == (name, job, settings)]
-        if any(all((step, k) in logged for k in r["kinds"]) for r in noted):
+        if any((r["job"], r["settings"]) == (job, settings) and current[i] for i, r in enumerate(noted)):
             continue
-        if settings == own and all((step, k) in logged for k in training_kinds[job]):
+        if settings == own and all((step, k) in logged and k not in replaced for k in training_kinds[job]):
             continue
-        todo.append((job, settings, own))
+        todo.append((job, settings))
     return todo
+
+
+def put_lines(log_file, step, lines):
+    """Writes lines [(kind, value)] to log_file under `step`; returns [(kind, old value, new value)] for the values
+    they replace. With none to replace they are appended, as training appends its own. Else log.txt is rewritten (a
+    temporary file renamed over it, so a reader sees the old log or the new) with each new value in the old one's
+    place, and any further value of that kind at that step (an older evaluate.py appended them) dropped."""
+    new = dict(lines)
+    old = []
+    if os.path.exists(log_file):
+        with open(log_file) as f:
+            old = [line for line in f if line.endswith("\n")]  # a line cut short by a kill is dropped
+    kept, replaced = [], {}
+    for line in old:
+        p = line.split()
+        if len(p) == 3 and p[0].isdigit() and int(p[0]) == step and p[1] in new:
+            if p[1] not in replaced:
+                kept.append(f"{step} {p[1]} {new[p[1]]}\n")
+            replaced.setdefault(p[1], p[2])
+        else:
+            kept.append(line)
+    added = [f"{step} {k} {v}\n" for k, v in lines if k not in replaced]
+    if replaced:
+        with open(f"{log_file}.tmp", "w") as f:
+            f.writelines(kept + added)
+        os.replace(f"{log_file}.tmp", log_file)
+    else:
+        with open(log_file, "a") as f:
+            f.writelines(added)
+    return [(k, replaced[k], v) for k, v in lines if k in replaced]
 
 
 def harness_lines(results):

@@ -1768,11 +1768,12 @@ def hellaswag_cache_dir():
     return os.environ.get("HELLASWAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-fineweb", "hellaswag")
 
 
-def download_hellaswag(split, cache_dir, url=HELLASWAG_URL, is_master=True):
+def download_hellaswag(split, cache_dir, url=HELLASWAG_URL, is_master=True, setting="--hellaswag_file"):
     """The path of hellaswag_{split}.jsonl in cache_dir, downloaded first if it is not there yet.
 
     Every rank may call this at once: each writes its own temporary file and renames it into
-    place, so a reader sees either no file or a complete one.
+    place, so a reader sees either no file or a complete one. `setting` is the calling command's own name for a local
+    copy (hellaswag.py's --data_file, gpt2.py's and evaluate.py's --hellaswag_file), which its errors tell the user to pass.
     """
     path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
     if os.path.exists(path):
@@ -1785,8 +1786,8 @@ def download_hellaswag(split, cache_dir, url=HELLASWAG_URL, is_master=True):
             data = response.read()
     except (OSError, http.client.HTTPException) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot download {source} ({reason}): pass --data_file=PATH (in gpt2.py --hellaswag_file=PATH) "
-                        f"with a local copy of hellaswag_{split}.jsonl") from None
+        raise UserError(f"cannot download {source} ({reason}): pass {setting}=PATH with a local copy of "
+                        f"hellaswag_{split}.jsonl") from None
     tmp = None
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -1799,8 +1800,9 @@ def download_hellaswag(split, cache_dir, url=HELLASWAG_URL, is_master=True):
     except OSError as e:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write {path} ({e.strerror}): pass --cache_dir=PATH or set HELLASWAG_CACHE "
-                        f"to a writable directory") from None
+        where = "set HELLASWAG_CACHE to" if cache_dir == hellaswag_cache_dir() else f"make {cache_dir}/"
+        raise UserError(f"cannot write {path} ({e.strerror}): {where} a writable directory, or pass {setting}=PATH "
+                        f"with a local copy of hellaswag_{split}.jsonl") from None
     return path
 
 
@@ -1846,17 +1848,19 @@ def render_example(row, enc):
     return HellaSwagExample(context, endings, int(row["label"]))
 
 
-def load_hellaswag(split="val", data_file=None, *, is_master=True, cache_dir=None, url=HELLASWAG_URL, limit=0):
-    """The examples of one split as token ids: read from data_file if given, else from the download cache."""
+def load_hellaswag(split="val", data_file=None, *, is_master=True, cache_dir=None, url=HELLASWAG_URL, limit=0,
+                   setting="--hellaswag_file"):
+    """The examples of one split as token ids: read from data_file if given, else from the download cache. `setting`
+    names data_file as the calling command spells it, for its errors (see download_hellaswag)."""
     if data_file:
         if not os.path.isfile(data_file):
-            raise UserError(f"data file {data_file} does not exist: pass the path of a local hellaswag_{split}.jsonl, "
-                            f"or leave it empty to download the split")
+            raise UserError(f"{setting}={data_file} does not exist: pass the path of a local hellaswag_{split}.jsonl, "
+                            f"or leave {setting} empty to download the split")
         path, fix = data_file, "fix that line, or pass a file in HellaSwag's jsonl schema"
     else:
         if split not in ("val", "train"):
             raise UserError(f"--split={split}: expected val or train")
-        path = download_hellaswag(split, cache_dir or hellaswag_cache_dir(), url, is_master)
+        path = download_hellaswag(split, cache_dir or hellaswag_cache_dir(), url, is_master, setting)
         fix = f"delete {path} to download it again"
     rows = read_hellaswag_jsonl(path, fix)
     if limit > 0:

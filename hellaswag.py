@@ -88,7 +88,7 @@ def main(cfg, overridden):
         # the model first: a wrong name or path stops the run before the data is downloaded
         model = load_hf_model(cfg.model, device) if cfg.model else load_model(cfg.checkpoint, device)
         examples = load_hellaswag(cfg.split, cfg.data_file or None, is_master=d.is_master, cache_dir=cfg.cache_dir or None,
-                                  url=cfg.data_url, limit=cfg.limit)
+                                  url=cfg.data_url, limit=cfg.limit, setting="--data_file")
         say(f"hellaswag {cfg.split}: {len(examples)} examples | {cfg.model or cfg.checkpoint} | {device} | "
             f"{str(dtype).removeprefix('torch.')} | {d.world_size} rank(s)", flush=True)
         result = evaluate_hellaswag(model, examples, device, autocast, d.rank, d.world_size, cfg.batch_size,

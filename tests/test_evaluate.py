@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY
-from test_hellaswag import ROWS, write_jsonl
+from test_hellaswag import ROWS, offline_env, write_jsonl
 
 import evaluate
 import gpt2
@@ -262,14 +262,72 @@ def test_log_dir_evaluates_a_run_trained_without_evaluation(trained, task_dir, t
     with Image.open(quiet / "log.png") as img:
         assert img.width == 3 * 650  # three panels: loss, bits per byte, HellaSwag
 
-    # again with the same settings: skipped; with other settings: evaluated and appended, the old lines kept
+    # again with the same settings: skipped; with other settings: evaluated again, the new values in the old ones' place
     out = run_evaluate_in_process(capsys, *settings)
     assert "skipped" in out and log_lines(quiet) == first
-    run_evaluate_in_process(capsys, f"--log_dir={quiet}", f"--hellaswag_file={hella_file}", "--device=cpu",
-                            "--val_tokens=40")
+    out = run_evaluate_in_process(capsys, f"--log_dir={quiet}", f"--hellaswag_file={hella_file}", "--device=cpu",
+                                  "--val_tokens=40")
     again = log_lines(quiet)
-    assert again[:len(first)] == first and [line.split()[:2] for line in again[len(first):]] == [["1", "val"], ["1", "bpb"]]
-    assert float(again[-2].split()[2]) != added[(1, "val")]  # 40 targets, not all of them
+    changed = [i for i, (old, new) in enumerate(zip(first, again, strict=True)) if old != new]
+    assert [again[i].split()[:2] for i in changed] == [["1", "val"], ["1", "bpb"]]
+    assert float(again[changed[0]].split()[2]) != added[(1, "val")]  # 40 targets, not all of them
+    assert "replaced in log.txt by this evaluation: val " in out
+
+
+def val_tokens_of(texts):
+    enc = gpt2.get_tokenizer()
+    return [t for text in texts for t in [enc.eot_token] + enc.encode_ordinary(text)]
+
+
+def test_log_dir_evaluated_again_with_other_data_replaces_values(trained, tmp_path, capsys):
+    """--log_dir twice with --data_dir at two other val sets, then the first again: log.txt holds one value per step and
+    metric, each time the latest evaluation's (checked against transformers on that set), in the place of training's
+    line, a line printed says what was replaced, and nothing else in log.txt changes."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    before = log_lines(run)
+    checkpoint = str(run / "model_00001.pt")
+    sets = {"a": val_tokens_of(TEXTS[:2] * 2), "b": val_tokens_of(TEXTS[::-1] * 2)}
+    expected = {}
+    for name, tokens in sets.items():
+        os.makedirs(tmp_path / name / "export")
+        np.save(tmp_path / name / "edufineweb_val_000000.npy", np.array(tokens, dtype=np.uint16))
+        expected[name] = independent_val(checkpoint, tokens, BLOCK_SIZE, tmp_path / name)
+
+    previous = {(int(s), k): v for s, k, v in (line.split() for line in before)}
+    for name in ("a", "b", "a"):  # "a" again: evaluated, not skipped, since "b" replaced its values
+        out = run_evaluate_in_process(capsys, f"--log_dir={run}", f"--data_dir={tmp_path / name}", "--hellaswag=0",
+                                      "--device=cpu")
+        lines = log_lines(run)
+        keys = [(int(s), k) for s, k, _ in (line.split() for line in lines)]
+        assert len(keys) == len(set(keys)) == len(before)  # one value per (step, metric), in the lines training wrote
+        assert [line for line in lines if line.split()[:2] not in (["1", "val"], ["1", "bpb"])] == \
+            [line for line in before if line.split()[:2] not in (["1", "val"], ["1", "bpb"])]
+        logged = {(int(s), k): v for s, k, v in (line.split() for line in lines)}
+        assert float(logged[(1, "val")]) == pytest.approx(expected[name][0], abs=2e-6)
+        assert float(logged[(1, "bpb")]) == pytest.approx(expected[name][1], abs=2e-6)
+        assert (f"model_00001.pt (step 1) | replaced in log.txt by this evaluation: val {previous[(1, 'val')]} -> "
+                f"{logged[(1, 'val')]}, bpb {previous[(1, 'bpb')]} -> {logged[(1, 'bpb')]}") in out
+        previous = logged
+    assert expected["a"][0] != pytest.approx(expected["b"][0], abs=1e-3)  # the two sets are told apart
+    out = run_evaluate_in_process(capsys, f"--log_dir={run}", f"--data_dir={tmp_path / 'a'}", "--hellaswag=0",
+                                  "--device=cpu")
+    assert "skipped" in out and log_lines(run) == lines
+    assert not os.path.exists(run / "log.txt.tmp")
+
+
+def test_log_dir_without_the_file_names_its_own_setting(trained, tmp_path, capsys):
+    """evaluate.py offline (a fresh process, see offline_env), and with a file that is not there: its errors name
+    --hellaswag_file, not hellaswag.py's --data_file."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), f"--log_dir={run}", "--device=cpu"],
+                          capture_output=True, text=True, env=dict(os.environ, **offline_env(tmp_path / "cache")), cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot download "), proc.stderr
+    assert "pass --hellaswag_file=PATH" in proc.stderr and "--data_file" not in proc.stderr, proc.stderr
+    err = one_line_error(capsys, f"--log_dir={run}", "--device=cpu", f"--hellaswag_file={tmp_path / 'nope.jsonl'}")
+    assert f"--hellaswag_file={tmp_path / 'nope.jsonl'} does not exist" in err and "--data_file" not in err
 
 
 def test_log_dir_skips_what_training_logged(trained, tmp_path, capsys):

@@ -202,12 +202,26 @@ def test_download_is_atomic_and_then_cached(tmp_path, monkeypatch):
     assert gpt2.load_hellaswag("val", cache_dir=str(cache), url="file:///nonexistent", limit=2)[1] == got[1]
 
 
-def test_failed_download_says_pass_data_file(tmp_path):
+def test_failed_download_names_the_callers_setting(tmp_path):
+    """The error says which setting takes a local copy, as the calling command spells it: gpt2.py's by default."""
     cache = tmp_path / "cache"
-    with pytest.raises(gpt2.UserError) as e:
-        gpt2.load_hellaswag("val", cache_dir=str(cache), url=f"file://{tmp_path}/missing")
-    assert "--data_file=PATH" in str(e.value) and "\n" not in str(e.value)
-    assert not cache.exists() or os.listdir(cache) == []
+    for kwargs, own, other in [({}, "--hellaswag_file", "--data_file"), ({"setting": "--data_file"}, "--data_file",
+                                                                          "--hellaswag_file")]:
+        with pytest.raises(gpt2.UserError) as e:
+            gpt2.load_hellaswag("val", cache_dir=str(cache), url=f"file://{tmp_path}/missing", **kwargs)
+        assert f"pass {own}=PATH" in str(e.value) and other not in str(e.value) and "\n" not in str(e.value)
+        assert not cache.exists() or os.listdir(cache) == []
+
+
+UNREACHABLE = "http://127.0.0.1:9"  # a local port that nothing listens on: a download there fails at once, as offline
+
+
+def offline_env(cache_dir):
+    """Environment variables for a command started from here, under which its real download of HellaSwag fails as it
+    does offline: an empty cache_dir, and every https request sent through a proxy at UNREACHABLE (gpt2.py and
+    evaluate.py have no URL setting). urllib reads proxies when a process first downloads: only a fresh process obeys."""
+    return {"HELLASWAG_CACHE": str(cache_dir), "https_proxy": UNREACHABLE, "HTTPS_PROXY": UNREACHABLE, "no_proxy": "",
+            "NO_PROXY": ""}  # an empty no_proxy is no exception
 
 
 # --- scoring ---
@@ -277,6 +291,20 @@ def test_small_vocab_model_is_refused(examples):
         gpt2.evaluate_hellaswag(tiny_gpt(vocab_size=128), examples, "cpu")
 
 
+def test_training_without_the_file_names_its_own_setting(shards, tmp_path, monkeypatch):
+    """gpt2.py offline, and with a file that is not there: its errors name --hellaswag_file, not hellaswag.py's setting."""
+    for name, value in offline_env(tmp_path / "empty_cache").items():
+        monkeypatch.setenv(name, value)  # run_gpt2 passes os.environ on
+    common = [*TINY, f"--data_dir={shards}", "--max_steps=1", "--val_every=0", "--hellaswag_every=1"]
+    for args, expected in [([f"--log_dir={tmp_path / 'a'}"], "cannot download "),
+                           ([f"--log_dir={tmp_path / 'b'}", f"--hellaswag_file={tmp_path / 'nope.jsonl'}"],
+                            f"--hellaswag_file={tmp_path / 'nope.jsonl'} does not exist")]:
+        proc = run_gpt2(*common, *args, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"error: {expected}"), proc.stderr
+        assert "--hellaswag_file" in proc.stderr and "--data_file" not in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "empty_cache" / "hellaswag_val.jsonl")
+
+
 def test_error_during_training_is_one_line(shards, data_file, tmp_path):
     """A UserError raised by HellaSwag inside the training loop reaches gpt2.py's one-line handler: exit 1, no traceback."""
     proc = run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}", "--max_steps=2", "--val_every=0",
@@ -330,6 +358,21 @@ def test_two_ranks_give_the_counts_of_one(checkpoint, data_file, examples):
     assert len(examples) % 2 == 1  # the ranks get 4 and 3 examples
     got = run_hellaswag(f"--checkpoint={path}", f"--data_file={data_file}", "--device=cpu", torchrun_ranks=2)
     assert got == expected
+
+
+def test_command_without_the_file_names_its_own_setting(checkpoint, tmp_path, capsys):
+    """hellaswag.py offline (its --data_url at an unreachable address), and with a file that is not there: its errors
+    name --data_file, not gpt2.py's and evaluate.py's --hellaswag_file."""
+    path, _ = checkpoint
+    common = [f"--checkpoint={path}", f"--cache_dir={tmp_path / 'cache'}", "--device=cpu"]
+    for args, expected in [([f"--data_url={UNREACHABLE}"], f"cannot download {UNREACHABLE}/hellaswag_val.jsonl"),
+                           ([f"--data_file={tmp_path / 'nope.jsonl'}"], f"--data_file={tmp_path / 'nope.jsonl'} does not exist")]:
+        with pytest.raises(SystemExit):
+            hellaswag.run_cli(hellaswag.main, hellaswag.Config(), common + args)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+        assert "--data_file" in err and "--hellaswag_file" not in err, err
+    assert not os.path.exists(tmp_path / "cache" / "hellaswag_val.jsonl")
 
 
 def test_exactly_one_model_is_required(capsys):
