@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, TINY, read_log, run_gpt2
 
 import gpt2
+from cli import apply_overrides
 
 
 def test_an_old_torch_stops_at_the_start_in_one_line():
@@ -114,9 +115,7 @@ def test_fsdp_bf16_mixed_precision_equals_a_bf16_model(shards, tmp_path):
                    "--fsdp=1", "--dtype=bfloat16", "--max_lr=1e-2", "--warmup_steps=1", torchrun_ranks=2).stdout
     assert "bfloat16 (FSDP mixed precision)" in out
     cfg = gpt2.Config()
-    for arg in TINY:
-        name, value = arg[2:].split("=")
-        setattr(cfg, name, type(getattr(cfg, name))(int(value)) if value.isdigit() else value)
+    apply_overrides(cfg, TINY)
     torch.manual_seed(cfg.seed)
     model = gpt2.GPT(gpt2.model_config(cfg)).to(torch.bfloat16)
     losses = []

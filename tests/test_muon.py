@@ -176,7 +176,7 @@ def test_two_ranks_equal_one_process_with_accumulation(shards, tmp_path):
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_the_memory_estimate_counts_the_optimizer_state_each_keeps(name):
     # Muon keeps one moment per block matrix where AdamW keeps two: the estimate printed at start counts what torch holds
-    cfg = Config(n_layer=2, n_head=2, n_embd=C, block_size=T, vocab_size=128, optimizer=name)
+    cfg = Config(n_layer=2, n_head=2, n_embd=C, block_size=T, vocab_size=128, optimizer=name, micro_batch_size=1)
     torch.manual_seed(0)
     model = GPT(model_config(cfg))
     optimizer = model.configure_optimizers(**ADAMW, muon=muon_settings(cfg))
