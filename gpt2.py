@@ -124,6 +124,17 @@ class Config:
     checkpoint_every: int = 5000  # also at the end of training
     keep_checkpoints: int = 0  # keep only the newest K checkpoints; 0 keeps all
     skip_nonfinite: bool = False  # skip an optimizer step whose loss is NaN/inf instead of stopping
+    # loss spikes: roll back and skip the data that caused them (PaLM's recipe; see SpikeGuard and the README)
+    spike_guard: bool = False  # on a spike, roll every rank back to a snapshot in host memory and skip that data
+    spike_window: int = 100  # a spike: a loss above the median of the last N steps' losses...
+    spike_k: float = 10.0  # ...by more than k median absolute deviations of them...
+    spike_min_rise: float = 0.5  # ...and by more than this many nats (the MAD of a flat loss is ~0)...
+    spike_patience: int = 5  # ...on N steps in a row (a blip that the next steps recover from is no spike); or a NaN/inf
+    spike_snapshot_every: int = 100  # the state rolled back to is copied to host memory every N steps (and at checkpoints)
+    spike_skip_steps: int = 200  # data skipped: from the rollback point to N steps' worth past the spike's batches
+    spike_max_rollbacks: int = 3  # a spike after this many rollbacks within spike_rollback_window steps stops the run:
+    spike_rollback_window: int = 1000  # spikes that close together are divergence, not bad data
+    skip_tokens: str = ""  # train-stream token ranges never read, "A-B,C-D" (as a rollback line prints them)
     wandb_log: bool = False  # also send the metrics to Weights & Biases (rank 0; needs pip install wandb)
     wandb_project: str = "gpt2"
     wandb_run_name: str = ""  # "" = wandb picks one
@@ -191,6 +202,18 @@ RULES = {
     "checkpoint_every": at_least(0),
     "keep_checkpoints": at_least(0),
     "skip_nonfinite": ANY,
+    # loss spikes
+    "spike_guard": ANY,
+    "spike_window": at_least(1),
+    "spike_k": above(0),
+    "spike_min_rise": at_least(0),
+    "spike_patience": at_least(1),
+    "spike_snapshot_every": at_least(1),
+    "spike_skip_steps": at_least(0),
+    "spike_max_rollbacks": at_least(0),
+    "spike_rollback_window": at_least(1),
+    "skip_tokens": Rule(lambda v: token_ranges(v) is not None, "expected token ranges START-END[,START-END...] with "
+                        "0 <= START < END, as a rollback line prints them", None, ("9-3", "x")),
     "wandb_log": ANY,
     "wandb_project": NOT_EMPTY,
     "wandb_run_name": ANY,
@@ -203,6 +226,17 @@ RULES = {
     "samples_file": ANY,
     "debug": ANY,
 }
+
+
+def token_ranges(text):
+    """--skip_tokens as a list of [start, end] token positions, or None if it is not "A-B,C-D" with 0 <= A < B."""
+    ranges = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        start, sep, end = part.partition("-")
+        if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
+            return None
+        ranges.append([int(start), int(end)])
+    return ranges
 
 
 def heads_error(c):
@@ -239,6 +273,9 @@ RELATIONS = [  # between settings; the checks that need the world size, the mach
     Relation(("export_dir", "mode"), lambda c: c.export_dir or c.mode != "export",
              lambda c: "--mode=export needs --export_dir=DIR, the directory to write the Hugging Face model to",
              {"mode": "export", "export_dir": ""}),
+    Relation(("spike_guard", "mode"), lambda c: not c.spike_guard or c.mode == "train",
+             lambda c: f"--spike_guard=1 guards training, and --mode={c.mode} trains nothing: drop --spike_guard",
+             {"spike_guard": True, "mode": "sample"}),
     Relation(("dtype", "fsdp"), lambda c: c.dtype != "float16" or not c.fsdp,
              lambda c: "--dtype=float16 with --fsdp=1: float16 needs a GradScaler, and its overflow check would see only "
                        "this rank's shard of the gradients; use --dtype=bfloat16 or float32 with FSDP, or DDP (--fsdp=0)",
@@ -790,6 +827,10 @@ class DataLoaderLite(TokenStream):
     With shuffle, position counts along a shuffled stream instead: epoch e (position // total) is the stream cut into
     windows of T tokens, the full ones in the order shuffled_windows(seed, e), then the short rest if there is one.
     Every token is still read once per epoch, each epoch in another order, and the state is position and seed.
+
+    skipped: ranges [start, end) of positions never read (a SpikeGuard rollback's, --skip_tokens): a batch that would
+    start inside one starts at its end. Positions count along the (shuffled) stream, so every world size skips the same
+    tokens; the ranges are part of the state.
     """
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=50304, shuffle=False, seed=0):
@@ -803,18 +844,24 @@ class DataLoaderLite(TokenStream):
                             f"(micro_batch_size*block_size*world_size+1 = {needed}): lower those settings "
                             f"or write more data with python fineweb.py")
         self.position = 0
+        self.skipped = []  # [start, end] position ranges
 
     def reset(self):
         self.position = 0
 
     def state_dict(self):
-        return {"position": self.position, "seed": self.seed} if self.shuffle else {"position": self.position}
+        state = {"position": self.position, "seed": self.seed} if self.shuffle else {"position": self.position}
+        return {**state, "skipped": [list(r) for r in self.skipped]} if self.skipped else state
 
     def load_state_dict(self, state):
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))  # the order a shuffled run started with, whatever --seed is now
+        saved = [[int(a), int(b)] for a, b in state.get("skipped", [])]  # none in checkpoints from before skipping
+        self.skipped = saved + [r for r in self.skipped if r not in saved]  # and those given now (--skip_tokens)
 
     def next_batch(self):
+        while inside := [end for start, end in self.skipped if start <= self.position < end]:
+            self.position = max(inside)
         B, T = self.B, self.T
         read = self._read_shuffled if self.shuffle else self._read
         buf = read(self.position + self.rank * B * T, B * T + 1)
@@ -1415,7 +1462,7 @@ def clip_gradients(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
-def write_checkpoint(cfg, d, model, optimizer, scaler, train_loader, step, say):
+def write_checkpoint(cfg, d, model, optimizer, scaler, train_loader, step, say, spike_guard=None):
     """log_dir/model_SSSSS.pt: the state after `step` optimizer steps. Every rank hands in its random states and rank 0
     writes; the others wait for the write to finish (up to --dist_timeout_min) and stop with rank 0 if it failed. Then
     only the newest keep_checkpoints are kept."""
@@ -1430,6 +1477,8 @@ def write_checkpoint(cfg, d, model, optimizer, scaler, train_loader, step, say):
         state = {"model": clean_state_dict(model_state), "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                  "step": step, "config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(),
                  "world_size": d.world_size, "rng": rng}
+        if spike_guard is not None:
+            state["spike_guard"] = spike_guard  # SpikeGuard.state_dict()
         del model_state, optimizer_state
         path = checkpoint_path(cfg.log_dir, step)
         try:
@@ -1603,7 +1652,7 @@ def train_step(cfg, d, parts, step, run_log):
     overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
     if finite or overflow:
         scaler.step(optimizer)  # optimizer.step(), unless the gradients overflowed
-    elif not cfg.skip_nonfinite:
+    elif not (cfg.skip_nonfinite or cfg.spike_guard):  # the guard rolls back instead
         raise UserError(f"step {step}: loss {loss_value}, grad norm {norm_value}; stopped, and the last checkpoint "
                         f"in {cfg.log_dir}/ is intact: resume with a lower --max_lr, or pass --skip_nonfinite=1")
     scaler.update()
@@ -1652,6 +1701,139 @@ def evaluate_when_due(cfg, d, raw_model, evals, autocast, run_log, step, last):
         print_samples(raw_model, evals.enc, d.device, autocast, cfg, is_master=d.is_master)
 
 
+# --- the spike guard: roll back past a loss spike and skip its data ---
+
+
+def spike_test(losses, above, loss, cfg):
+    """The spike test of one step's loss, given `losses`, the window of the last spike_window kept losses, and `above`,
+    how many steps just before this one were above its bound. Returns (verdict, why): "ok" (the loss joins the window),
+    "above" (above the bound: wait, a blip that the next steps recover from is no spike) or "spike".
+
+    The bound is the window's median plus the larger of spike_k median absolute deviations and spike_min_rise nats: the
+    median and the MAD are robust, one odd step in the window moves neither as it would a mean and a standard deviation.
+    Until the window is full (the loss still falling fast) only a NaN/inf loss is a spike."""
+    bound = median = mad = math.inf
+    if len(losses) >= cfg.spike_window:
+        median = float(np.median(losses))
+        mad = float(np.median(np.abs(np.asarray(losses) - median)))
+        bound = median + max(cfg.spike_k * mad, cfg.spike_min_rise)
+    if math.isfinite(loss) and loss <= bound:
+        return "ok", ""
+    if not math.isfinite(loss):
+        return "spike", "not finite"
+    why = f"above {bound:.4f} = median {median:.4f} + max({cfg.spike_k:g} x MAD {mad:.4f}, {cfg.spike_min_rise:g})"
+    return ("above" if above + 1 < cfg.spike_patience else "spike"), why
+
+
+class SpikeGuard:
+    """PaLM's answer to loss spikes (Chowdhery et al. 2022, section 5.1): go back to a state from before the spike and
+    skip the data it was trained on, "roughly 200-500 data batches, which cover the batches that were seen before and
+    during the spike". --spike_guard=1 does it on its own, on every rank.
+
+    The flow: run_training calls check(step, loss) after each step, with the step's loss (the mean over the ranks, so
+    every rank decides alike). spike_test says whether it is a spike: a NaN/inf loss, or spike_patience steps in a row
+    above a robust bound on the last spike_window losses. A loss below the bound joins the window and, before a step
+    that is a multiple of spike_snapshot_every or a checkpoint's (and at the start), the state is copied to host
+    memory: the parameters and the optimizer's state (this rank's shards under FSDP), the GradScaler, the RNG states,
+    the loader's position and the loss window. On a spike the copy is put back in place, the loader skips from the
+    copy's position to spike_skip_steps steps' worth past the spike's batches, and check returns the copy's step, from
+    which the run goes on. No copy is made while steps are above the bound, and a checkpoint due then ends the wait
+    as a spike, so a checkpoint is always a copy and a rollback never goes back past one: a run killed after a
+    rollback resumes from a checkpoint that holds the skipped range, or from one before the spike, where it meets
+    the same spike and makes the same rollback.
+    """
+
+    def __init__(self, cfg, d, parts, start_step, run_log, state=None):
+        self.cfg, self.d, self.parts, self.run_log = cfg, d, parts, run_log
+        state = state or {}  # a checkpoint's: the window, and the steps that rolled back (spike_max_rollbacks)
+        self.losses = [float(x) for x in state.get("losses", [])]
+        self.rollbacks = [int(s) for s in state.get("rollbacks", [])]
+        self.above = []  # the steps just before, in a row, whose losses were above the bound
+        margin = cfg.spike_skip_steps * cfg.total_batch_size
+        if margin > parts.loader.total:
+            raise UserError(f"--spike_skip_steps={cfg.spike_skip_steps} skips {margin:,} tokens past a spike, more than the "
+                            f"train split's {parts.loader.total:,}: pass a smaller one, at most --spike_skip_steps="
+                            f"{parts.loader.total // cfg.total_batch_size}")
+        self.saved = None
+        self.snapshot(start_step)
+        size = estimate_memory(cfg, d.world_size, torch.float32, "chunked")
+        run_log.print(f"spike guard: the state is copied to host memory every {cfg.spike_snapshot_every} steps and at "
+                      f"checkpoints, {(size['weights'] + size['optimizer']) / 1e9:.2f} GB per rank")
+
+    def state_dict(self):
+        return {"losses": list(self.losses), "rollbacks": list(self.rollbacks)}
+
+    def check(self, step, loss):
+        """After step `step`, whose loss was `loss`: None, or after a spike the step that the run rolled back to."""
+        cfg = self.cfg
+        verdict, why = spike_test(self.losses, len(self.above), loss, cfg)
+        checkpoint = is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps)  # run_training's condition
+        if verdict == "ok":
+            self.above = []
+            self.losses = (self.losses + [loss])[-cfg.spike_window:]
+            if (step + 1) % cfg.spike_snapshot_every == 0 or checkpoint:
+                self.snapshot(step + 1)
+            return None
+        self.above.append(step)
+        if verdict == "above" and not checkpoint:
+            return None
+        recent = [s for s in self.rollbacks if abs(step - s) < cfg.spike_rollback_window]
+        steps = f"steps {self.above[0]}-{step}" if len(self.above) > 1 else f"step {step}"
+        if len(recent) >= cfg.spike_max_rollbacks:
+            raise UserError(f"{steps}: loss {loss:.4f} {why}, a spike after {len(recent)} rollbacks within "
+                            f"{cfg.spike_rollback_window} steps (--spike_max_rollbacks={cfg.spike_max_rollbacks}): the run "
+                            f"is diverging, not meeting bad data; stopped, and the last checkpoint in {cfg.log_dir}/ is "
+                            f"intact: resume from it with a lower --max_lr")
+        back, skip = self.saved["step"], [self.saved["position"], self.parts.loader.position + cfg.spike_skip_steps *
+                                          cfg.total_batch_size]
+        self.restore()
+        self.parts.loader.skipped.append(skip)
+        self.rollbacks.append(step)
+        self.above = []
+        self.run_log.record(step, "rollback", back, f"{steps:>11} | loss {loss:.6f} {why} | rolled back {step + 1 - back} "
+                            f"steps to step {back}, skipping train tokens {skip[0]}-{skip[1]} ({skip[1] - skip[0]:,}) | "
+                            f"rollback {len(self.rollbacks)}, {len(recent) + 1} within {cfg.spike_rollback_window} steps")
+        return back
+
+    def tensors(self):
+        """The state's tensors, this rank's own part of each, in a fixed order: the parameters, then the optimizer's
+        state (which is all tensors for AdamW and Muon), live: writing them writes the state. And the optimizer's keys."""
+        state = self.parts.optimizer.state_dict()["state"]  # torch's keeps the live tensors; so does MuonAdamW's
+        keys = [(i, k) for i in sorted(state) for k in sorted(state[i])]
+        live = [*self.parts.raw_model.parameters(), *(state[i][k] for i, k in keys)]
+        return [t.detach().to_local() if is_dtensor(t) else t.detach() for t in live], keys
+
+    @torch.no_grad()
+    def snapshot(self, step):
+        live, keys = self.tensors()
+        copies = self.saved["tensors"] if self.saved else []
+        if [(c.shape, c.dtype) for c in copies] != [(t.shape, t.dtype) for t in live]:  # else reuse the memory
+            pin = self.d.device.type == "cuda"  # page-locked: the copy runs at the bus's speed
+            copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in live]
+        for copy, t in zip(copies, live, strict=True):
+            copy.copy_(t, non_blocking=True)
+        synchronize(self.d.device)
+        self.saved = {"step": step, "tensors": copies, "keys": keys, "scaler": self.parts.scaler.state_dict(),
+                      "rng": rng_state(self.d.device), "position": self.parts.loader.position, "losses": list(self.losses)}
+
+    @torch.no_grad()
+    def restore(self):
+        saved, optimizer = self.saved, self.parts.optimizer
+        if not saved["keys"]:  # copied before the first step: no optimizer state yet
+            optimizer.load_state_dict({"state": {}, "param_groups": optimizer.state_dict()["param_groups"]})
+        live, keys = self.tensors()
+        assert keys == saved["keys"], "the optimizer's state changed its layout since the snapshot"
+        for t, copy in zip(live, saved["tensors"], strict=True):
+            t.copy_(copy, non_blocking=True)
+        synchronize(self.d.device)
+        if self.parts.scaler.is_enabled():
+            self.parts.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"], self.d.device)
+        self.parts.loader.position = saved["position"]
+        self.losses = list(saved["losses"])
+
+
+
 def run_training(cfg, overridden, d):
     """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
 
@@ -1678,7 +1860,9 @@ def run_training(cfg, overridden, d):
     evals = Evals(open_val_loader(cfg, d, say) if cfg.val_every else None,
                   load_hellaswag("val", cfg.hellaswag_file or None, is_master=d.is_master) if cfg.hellaswag_every else None,
                   get_tokenizer() if cfg.sample_every and (d.is_master or cfg.fsdp) else None)  # FSDP: every rank samples
+    train_loader.skipped = token_ranges(cfg.skip_tokens)  # a checkpoint's ranges join them in build_model
     raw_model, optimizer, scaler, start_step = build_model(cfg, d, ckpt, hf_model, train_loader, say, dtype)
+    spike_state = ckpt.get("spike_guard") if ckpt else None
     del ckpt, hf_model  # the model holds the weights now
     parts = StepParts(wrap_model(cfg, raw_model, d), raw_model, optimizer, scaler, train_loader, autocast, grad_accum,
                       raw_model.flops_per_token(T), peak_flops(device))
@@ -1689,15 +1873,23 @@ def run_training(cfg, overridden, d):
         f"{' with a GradScaler' if scaler.is_enabled() else ''}")
     say(describe_memory(estimate_memory(cfg, d.world_size, dtype, raw_model.loss_impl), cfg.activation_checkpointing))
 
-    for step in range(start_step, cfg.max_steps + 1):
+    guard = SpikeGuard(cfg, d, parts, start_step, run_log, spike_state) if cfg.spike_guard else None
+
+    step = start_step
+    while True:
         last = step == cfg.max_steps
         evaluate_when_due(cfg, d, raw_model, evals, autocast, run_log, step, last)
         if last:
             break
 
-        train_step(cfg, d, parts, step, run_log)
+        loss = train_step(cfg, d, parts, step, run_log)
+        if guard and (back := guard.check(step, loss)) is not None:
+            step = back  # a spike: the state of step `back` is back, and the data from there to past the spike skipped
+            continue
         if is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps):
-            write_checkpoint(cfg, d, raw_model, optimizer, scaler, train_loader, step + 1, say)
+            write_checkpoint(cfg, d, raw_model, optimizer, scaler, train_loader, step + 1, say,
+                             guard.state_dict() if guard else None)
+        step += 1
     run_log.finish()
 
 

@@ -27,7 +27,10 @@ SMOOTH_POINTS = 50  # the smoothed train loss averages over 1/50 of the run's st
 
 def read_log(path):
     """{kind: (steps, values)} from lines `<step> <kind> <value>`, in step order; kinds are train, val, bpb, hella (and
-    evaluate.py's task/metric). Other lines are skipped."""
+    evaluate.py's task/metric). Other lines are skipped.
+
+    `<step> rollback <to>` (gpt2.py --spike_guard=1) says that the spike at step `step` sent the run back to step `to`:
+    the lines before it from step `to` on were discarded, and are left out. Its kind, rollback, holds (step, to)."""
     series = {}
     with open(path) as f:
         for line in f:
@@ -38,6 +41,10 @@ def read_log(path):
                 value = float(parts[2])
             except ValueError:
                 continue
+            if parts[1] == "rollback":  # what came before it from step `value` on is not the run that was kept
+                for kind, (steps, values) in series.items():
+                    kept = [i for i, step in enumerate(steps) if step < value or kind == "rollback"]
+                    series[kind] = ([steps[i] for i in kept], [values[i] for i in kept])
             steps, values = series.setdefault(parts[1], ([], []))
             steps.append(int(parts[0]))
             values.append(value)
@@ -83,6 +90,9 @@ def plot_log(log_file, out_file):
         ax_loss.plot(steps, values, color="tab:orange", marker="o", markersize=3, label=f"val (last {values[-1]:.4f})")
     ax_loss.axhline(GPT2_VAL_LOSS, color="tab:red", linestyle="--", linewidth=1,
                     label=f"OpenAI GPT-2 124M val ({GPT2_VAL_LOSS})")
+    for i, to in enumerate(series.get("rollback", ([], []))[1]):  # where the kept run went on after a loss spike
+        ax_loss.axvline(to, color="tab:purple", linestyle=":", linewidth=1,
+                        label=f"rolled back to here ({len(series['rollback'][1])}x)" if i == 0 else None)
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
