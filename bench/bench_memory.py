@@ -35,6 +35,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from machine import descendants  # noqa: E402
+
 from cli import run_cli  # noqa: E402
 from plot import read_log  # noqa: E402
 
@@ -166,25 +168,6 @@ def compare(cfg):
               f"(target >= 3x); peak - state {fsdp['activations'] / rec['activations']:.2f}x")
     for setting, r in rows.items():
         print(f"{setting}: estimate / measured peak = {r['estimate']['total'] / r['peak']:.2f}; losses {r['loss']}")
-
-
-def descendants(pid):
-    """The ids of pid's child processes, and theirs, from /proc."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def gpt2_fsdp_args(data_dir, size):

@@ -59,6 +59,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+from machine import descendants  # noqa: E402
+
 import gpt2  # noqa: E402
 from cli import merge_settings, run_cli  # noqa: E402
 from plot import read_log  # noqa: E402
@@ -190,25 +192,6 @@ def tokenizer():
 
 
 # --- gpt2.py runs ---
-
-
-def descendants(pid):
-    """The pids of every process below pid, read from /proc (empty where there is no /proc). Taken before anything is
-    stopped: once torchrun ends, its workers belong to init and nothing links them to it any more."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name, in parentheses, may hold spaces
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def signal_group(pid, sig):
