@@ -296,9 +296,12 @@ class Source:
             text = f.read()
         self.tree, self.lines = ast.parse(text), text.split("\n")
         self.constants, self.imported = {}, {}  # name -> its expression; name -> (module, its name there)
+        self.modules = {}  # name -> the module an `import` binds to it
         for node in self.tree.body:
             if isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 self.imported.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+            elif isinstance(node, ast.Import):
+                self.modules.update({a.asname or a.name: a.name for a in node.names})
             elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 self.constants[node.targets[0].id] = node.value
 
@@ -339,16 +342,28 @@ class Source:
             return ARITHMETIC[type(node.op)](self.value(node.left), self.value(node.right))
         if isinstance(node, ast.Name):
             return self.constant(node.id)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
+                isinstance(node.value.value, ast.Name) and node.value.value.id in self.modules:  # gpt2.Config.seed
+            source = self.beside(self.modules[node.value.value.id])
+            cls = next((n for n in source.tree.body if isinstance(n, ast.ClassDef) and n.name == node.value.attr), None)
+            field = next((f for f in source.fields(cls).values() if f.target.id == node.attr), None) if cls else None
+            if field is not None and field.value is not None:
+                return source.value(field.value)
         raise ValueError(f"{ast.unparse(node)} is not a literal")
+
+    def beside(self, module):
+        """The Source of a script this one imports: beside it, or on sys.path."""
+        for folder in [os.path.dirname(os.path.abspath(self.path)), *sys.path]:
+            if os.path.isfile(os.path.join(folder or ".", f"{module}.py")):
+                return Source(os.path.join(folder or ".", f"{module}.py"))
+        raise ValueError(f"{module}.py is not beside {self.path}")
 
     def constant(self, name):
         if name in self.constants:
             return self.value(self.constants[name])
         if name in self.imported:
             module, original = self.imported[name]
-            for folder in [os.path.dirname(os.path.abspath(self.path)), *sys.path]:
-                if os.path.isfile(os.path.join(folder or ".", f"{module}.py")):
-                    return Source(os.path.join(folder or ".", f"{module}.py")).constant(original)
+            return self.beside(module).constant(original)
         raise ValueError(f"{name} is not a constant of {self.path}")
 
     def default(self, node):

@@ -14,6 +14,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # --help is read from this file's text, before the imports below load torch
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cli import answer_help
+
+    answer_help(__file__)
+
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))

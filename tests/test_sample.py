@@ -115,4 +115,4 @@ def test_sample_mode_errors_are_one_line():
                          ("--mode=generate", "--mode=generate: expected train, sample or export")]:
         cfg = gpt2.Config()
         with pytest.raises(gpt2.UserError, match=message):
-            gpt2.main(cfg, cli.apply_overrides(cfg, ["--mode=sample", "--init_from=gpt2", arg]))
+            gpt2.main(cfg, cli.apply_overrides(cfg, cli.merge_settings(["--mode=sample", "--init_from=gpt2", arg])))

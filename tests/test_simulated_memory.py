@@ -21,7 +21,7 @@ import bench_memory  # noqa: E402
 
 WORLD = 8
 # every dim 0 divides by 8 except the vocabulary's 100 rows: FSDP2 gives ranks 0-6 13 rows of wte and rank 7 the last 9
-SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16)
+SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16, micro_batch_size=2)
 
 
 def test_simulated_fsdp_shards_match_the_estimate():
