@@ -62,7 +62,7 @@ from cli import (
     one_of,
     run_cli,
 )
-from muon import MuonAdamW, step_bytes
+from muon import MuonAdamW, is_dtensor, step_bytes
 
 # --- config ---
 
@@ -1979,12 +1979,6 @@ def optimizer_state_for(optimizer, state):
         return local_slice(v, p)
 
     return {**state, "state": {i: {k: fit(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
-
-
-def is_dtensor(t):
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def local_slice(whole, like):

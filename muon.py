@@ -235,12 +235,16 @@ class ShardedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         groups = {p: group for group in self.param_groups for p in group["params"] if p.grad is not None}
         for batch in self.rounds:
             batch = [p if p in groups else None for p in batch]  # the matrix each rank orthogonalizes in this round
             if any(p is not None for p in batch):
                 self._round(batch, groups)
-        return None
+        return loss
 
     def _round(self, batch, groups):
         first = next(p for p in batch if p is not None)

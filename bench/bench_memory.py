@@ -5,6 +5,7 @@
     python bench/bench_memory.py --run=resume     # GPT-2 medium's shape on 2 FSDP ranks: host memory of a resume vs training
     python bench/bench_memory.py --run=table      # the README's table of estimates (GPT-2 sizes x 8 ranks x GPUs)
     python bench/bench_memory.py --run=simulate   # GPT-2 1.5B sharded by the real FSDP2 code over 8 and 64 fake ranks
+    python bench/bench_memory.py --run=simulate --optimizer=muon   # the same with Muon (--run=resume takes it too)
 
 `compare` starts each setting as its own 2-rank torchrun of this file, which measures its resident memory (RSS,
 what the CPU's "GPU memory" is here) at each phase: after the model and optimizer are built, after the first
@@ -57,7 +58,7 @@ class Config:
     setting: str = ""  # internal: the one setting a torchrun worker measures (one of settings)
     model: str = "1.5B"  # simulate: 124M | 350M | 774M | 1.5B, or custom (n_layer, n_head, n_embd above; T as block_size)
     world_sizes: str = "8,64"  # simulate: the simulated numbers of ranks
-    optimizer: str = "adamw"  # simulate: adamw, or muon (Muon's momentum for the blocks' matrices, and its step's memory)
+    optimizer: str = "adamw"  # simulate and resume: adamw, or muon (simulate: Muon's momentum and its step's memory)
 
 
 def rss(field="VmRSS", pid="self"):
@@ -269,7 +270,7 @@ def resume(cfg):
     n_layer, _, n_embd = SIZES["350M"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
-        common = [*gpt2_fsdp_args(tmp, "350M"), "--checkpoint_every=1"]
+        common = [*gpt2_fsdp_args(tmp, "350M"), "--checkpoint_every=1", f"--optimizer={cfg.optimizer}"]
         private_peaks = lambda *args: rank_peaks([*common, *args], env, "RssAnon", every=0.005)[0]
         start = time.time()
         train = private_peaks(f"--log_dir={tmp}/log", "--max_steps=1")
