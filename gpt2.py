@@ -67,6 +67,7 @@ from cli import (
     one_of,
     run_cli,
 )
+from muon import MuonAdamW, is_dtensor, step_bytes
 
 # --- config ---
 
@@ -286,10 +287,6 @@ RELATIONS = [  # between settings; the checks that need the world size, the mach
                         f"the warmdown ({c.max_steps // 5} steps, 20% of max_steps)") + f" and --warmup_steps="
                        f"{c.warmup_steps} are longer than the run (--max_steps={c.max_steps}): lower them or raise max_steps",
              {"lr_schedule": "wsd", "warmdown_steps": 100, "warmup_steps": 10, "max_steps": 50}),
-    Relation(("optimizer", "fsdp"), lambda c: c.optimizer != "muon" or not c.fsdp,
-             lambda c: "--optimizer=muon does not work with --fsdp=1: Muon orthogonalizes each weight matrix whole, and "
-                       "FSDP leaves every rank a slice of it; pass --fsdp=0 (DDP) or --optimizer=adamw",
-             {"optimizer": "muon", "fsdp": 1}),
 ]
 
 
@@ -540,88 +537,6 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")  # one kernel for the whole update, not one per parameter
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
         return MuonAdamW(adamw, matrices, lr_scale=muon["lr"] / learning_rate, **muon) if muon else adamw
-
-
-# --- the optimizer: Muon for the blocks' matrices, AdamW for the rest ---
-
-
-class MuonAdamW:
-    """torch.optim.Muon for the weight matrices inside the blocks, torch.optim.AdamW for the rest (embeddings, lm_head,
-    biases, LayerNorm gains), as the modded-nanogpt speedrun and nanochat train them, behind one torch optimizer's
-    interface: param_groups (AdamW's, then Muon's), zero_grad, step, and state_dict / load_state_dict in torch's
-    format, the state numbered over those groups in that order. So the training loop, the clipping and the checkpoint
-    code treat it as they treat AdamW.
-
-    Muon replaces each matrix's momentum by the nearest orthogonal matrix (a Newton-Schulz iteration inside
-    torch.optim.Muon), so that every direction of the update moves by the same amount. The fused c_attn weight (3C, C)
-    is three matrices, q, k and v, and each is orthogonalized on its own, as the speedrun does: Muon holds three
-    (C, C) leaf tensors that share the fused weight's memory (its row blocks), so its in-place update writes into the
-    fused weight, and before each step their gradients are pointed at the same row blocks of the fused gradient.
-
-    The schedule sets each group's lr to the scheduled lr times the group's lr_scale (1 when absent): Muon's groups
-    carry muon_lr / max_lr. Resuming, the state comes from the checkpoint and the settings from this run's config.
-    """
-
-    def __init__(self, adamw, matrices, lr, momentum, weight_decay, lr_scale):
-        self.adamw = adamw
-        self.split = []  # (fused weight, the leaf views of its row blocks that Muon updates)
-        muon_params = []
-        for weight, pieces in matrices:
-            if pieces == 1:
-                muon_params.append(weight)
-            else:
-                views = [nn.Parameter(rows) for rows in weight.detach().chunk(pieces)]  # each (C, C), in weight's memory
-                self.split.append((weight, views))
-                muon_params += views
-                # once backward has made the fused gradient, the views' gradients are its row blocks, so that whatever
-                # reads param_groups before step (GradScaler's unscale_ and overflow check) sees and edits all of it
-                weight.register_post_accumulate_grad_hook(lambda w, views=views: self._share_grad(w, views))
-        self.muon = torch.optim.Muon(muon_params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
-        for group in self.muon.param_groups:
-            group["lr_scale"] = lr_scale
-
-    @property
-    def param_groups(self):
-        return self.adamw.param_groups + self.muon.param_groups  # the groups themselves: setting their lr sets it
-
-    def zero_grad(self, set_to_none=True):
-        self.adamw.zero_grad(set_to_none)
-        self.muon.zero_grad(set_to_none)
-        for weight, _ in self.split:  # in neither optimizer's lists (Muon holds its views): else its gradient accumulates
-            if set_to_none:
-                weight.grad = None
-            elif weight.grad is not None:
-                weight.grad.zero_()
-
-    @staticmethod
-    def _share_grad(weight, views):
-        pieces = weight.grad.chunk(len(views)) if weight.grad is not None else [None] * len(views)
-        for view, grad in zip(views, pieces, strict=True):
-            view.grad = grad  # a view: the clipped, all-reduced fused gradient, never a copy
-
-    @torch.no_grad()
-    def step(self):
-        for weight, views in self.split:  # again, for a gradient that was set, not accumulated by backward
-            self._share_grad(weight, views)
-        self.adamw.step()
-        self.muon.step()
-
-    def state_dict(self):
-        adamw, muon = self.adamw.state_dict(), self.muon.state_dict()
-        shift = sum(len(group["params"]) for group in adamw["param_groups"])  # Muon's parameters are numbered after
-        groups = adamw["param_groups"] + [{**g, "params": [i + shift for i in g["params"]]} for g in muon["param_groups"]]
-        return {"state": {**adamw["state"], **{i + shift: s for i, s in muon["state"].items()}}, "param_groups": groups}
-
-    def load_state_dict(self, state):
-        n = len(self.adamw.param_groups)
-        for optimizer, groups in ((self.adamw, state["param_groups"][:n]), (self.muon, state["param_groups"][n:])):
-            numbers = {i for group in groups for i in group["params"]}
-            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            # torch matches the numbers to this optimizer's parameters by their order in the groups, not by value
-            optimizer.load_state_dict({"state": {i: s for i, s in state["state"].items() if i in numbers},
-                                       "param_groups": groups})
-            for group, kept in zip(optimizer.param_groups, settings, strict=True):
-                group.update(kept)  # e.g. a --muon_lr given on resuming
 
 
 # --- the memory-saving loss ---
@@ -1103,7 +1018,8 @@ def estimate_memory(cfg, world_size, dtype, loss_impl):
     a dict of the parts (see the README).
 
     Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter (Muon keeps one moment for
-    the blocks' matrices: 4 bytes for those under --optimizer=muon), split over the ranks
+    the blocks' matrices: 4 bytes for those under --optimizer=muon; under FSDP its step adds muon_step, each owner's
+    whole matrix at a time, muon.step_bytes, after backward has freed the activations), split over the ranks
     under FSDP, which also holds the weights and gradients of a few whole units at a time ("gathered"; the root, with
     the embeddings, is the largest). Activations are for one micro-batch: each block keeps about 16 numbers per token
     and channel for its backward pass (counted with torch.autograd.graph.saved_tensors_hooks), in the compute dtype;
@@ -1132,6 +1048,9 @@ def estimate_memory(cfg, world_size, dtype, loss_impl):
              "activations_recompute": tokens * C * ((L + 1) * residual + 16 * act) + loss}  # +1: ln_f's input
     parts["activations"] = parts["activations_recompute" if cfg.activation_checkpointing else "activations_kept"]
     parts["total"] = sum(parts[k] for k in ("weights", "gradients", "optimizer", "gathered", "activations"))
+    if muon and sharded:  # Muon's step under FSDP: each owner's whole matrix and Newton-Schulz, once backward is done
+        parts["muon_step"] = step_bytes([(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L, [3, 1, 1, 1] * L, world_size)
+        parts["total"] += max(0, parts["muon_step"] - parts["gathered"] - parts["activations"])
     return parts
 
 
@@ -1141,7 +1060,8 @@ def describe_memory(parts, recompute):
     other = "activations_kept" if recompute else "activations_recompute"
     return (f"memory per rank (estimate, GB): weights {gb('weights')} + gradients {gb('gradients')} + optimizer "
             f"{gb('optimizer')} + gathered/16-bit copies {gb('gathered')} + activations {gb('activations')} per micro-batch "
-            f"({gb(other)} {'without' if recompute else 'with'} activation_checkpointing) = {gb('total')}")
+            f"({gb(other)} {'without' if recompute else 'with'} activation_checkpointing) = {gb('total')}"
+            + (f" (Muon's step {gb('muon_step')}, once the activations are freed)" if "muon_step" in parts else ""))
 
 
 def grad_accum_steps(cfg, world_size):
@@ -2387,7 +2307,8 @@ def full_state_dicts(model, optimizer, is_master):
         opt_state = {i: {k: full(v) for k, v in s.items()} for i, s in opt["state"].items()}
     if not is_master:
         return None, None
-    return model_state, {"state": opt_state, "param_groups": opt["param_groups"]}
+    opt = {"state": opt_state, "param_groups": opt["param_groups"]}
+    return model_state, optimizer.checkpoint_state(opt) if isinstance(optimizer, MuonAdamW) else opt  # q, k, v apart
 
 
 def optimizer_state_for(optimizer, state):
@@ -2395,8 +2316,12 @@ def optimizer_state_for(optimizer, state):
     to the parameter's device; under FSDP (the parameter is a DTensor) only this rank's slice of it is, so each rank
     holds its shard of AdamW's moments and never the whole (the checkpoint's tensors stay in the mapped file)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if isinstance(optimizer, MuonAdamW):
+        state = optimizer.own_state(state)  # under FSDP c_attn's momentum is one tensor: q's, k's and v's, stacked in fit
 
     def fit(v, p):
+        if isinstance(v, list):
+            v = torch.cat(v)  # one (3C, C) at a time, freed once this rank's slice is copied out
         if not torch.is_tensor(v) or v.shape != p.shape:
             return v  # the step count
         if not is_dtensor(p):
@@ -2404,12 +2329,6 @@ def optimizer_state_for(optimizer, state):
         return local_slice(v, p)
 
     return {**state, "state": {i: {k: fit(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
-
-
-def is_dtensor(t):
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def local_slice(whole, like):

@@ -5,6 +5,7 @@
     python bench/bench_memory.py --run=resume     # GPT-2 medium's shape on 2 FSDP ranks: host memory of a resume vs training
     python bench/bench_memory.py --run=table      # the README's table of estimates (GPT-2 sizes x 8 ranks x GPUs)
     python bench/bench_memory.py --run=simulate   # GPT-2 1.5B sharded by the real FSDP2 code over 8 and 64 fake ranks
+    python bench/bench_memory.py --run=simulate --optimizer=muon   # the same with Muon (--run=resume takes it too)
 
 `compare` starts each setting as its own 2-rank torchrun of this file, which measures its resident memory (RSS,
 what the CPU's "GPU memory" is here) at each phase: after the model and optimizer are built, after the first
@@ -59,6 +60,7 @@ class Config:
     setting: str = ""  # internal: the one setting a torchrun worker measures (one of settings)
     model: str = "1.5B"  # simulate: 124M | 350M | 774M | 1.5B, or custom (n_layer, n_head, n_embd above; T as block_size)
     world_sizes: str = "8,64"  # simulate: the simulated numbers of ranks
+    optimizer: str = "adamw"  # simulate and resume: adamw, or muon (simulate: Muon's momentum and its step's memory)
 
 
 def rss(field="VmRSS", pid="self"):
@@ -251,7 +253,7 @@ def resume(cfg):
     n_layer, _, n_embd = SIZES["350M"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
-        common = [*gpt2_fsdp_args(tmp, "350M"), "--checkpoint_every=1"]
+        common = [*gpt2_fsdp_args(tmp, "350M"), "--checkpoint_every=1", f"--optimizer={cfg.optimizer}"]
         private_peaks = lambda *args: rank_peaks([*common, *args], env, "RssAnon", every=0.005)[0]
         start = time.time()
         train = private_peaks(f"--log_dir={tmp}/log", "--max_steps=1")
@@ -334,13 +336,15 @@ def simulate_rank(run_cfg, rank, world_size):
             model = gpt2.GPT(gpt2.model_config(run_cfg))
         gpt2.shard_model(model, gpt2.Dist(rank, rank, world_size, torch.device("cpu")))
         with fake:
-            optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
+            optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu", gpt2.muon_settings(run_cfg))
             model.loss_impl = "plain"
             x = torch.randint(0, run_cfg.vocab_size, (1, run_cfg.block_size))
             _, loss = model(x, x)
             loss.backward()
             gpt2.clip_gradients(model, 1.0)
             optimizer.step()
+            muon_step = muon_step_bytes(model, optimizer) if run_cfg.optimizer == "muon" else 0
+        states = [optimizer.state] if run_cfg.optimizer != "muon" else [optimizer.adamw.state, optimizer.muon.state]
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
         nbytes = lambda t: local(t).numel() * local(t).element_size()
         padded = 0
@@ -352,10 +356,25 @@ def simulate_rank(run_cfg, rank, world_size):
         params = list(model.parameters())
         return {"weights": sum(nbytes(p) for p in params), "weights_padded": padded,
                 "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None),
-                "optimizer": sum(nbytes(v) for s in optimizer.state.values() for k, v in s.items() if k != "step"),
-                "step_counts": sum(nbytes(s["step"]) for s in optimizer.state.values())}
+                "optimizer": sum(nbytes(v) for state in states for s in state.values() for k, v in s.items() if k != "step"),
+                "step_counts": sum(nbytes(s["step"]) for state in states for s in state.values() if "step" in s),
+                "muon_step": muon_step}
     finally:
         dist.destroy_process_group()
+
+
+def muon_step_bytes(model, optimizer):
+    """The most bytes a second step of the distributed Muon (the first makes its momentum) holds at once beyond what
+    existed before it, as torch's MemTracker counts the tensors it creates (fake ones here: their sizes)."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer.adamw, optimizer.muon)
+    with tracker:
+        before = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
+        optimizer.muon.step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - before
 
 
 def simulate(cfg):
@@ -365,23 +384,30 @@ def simulate(cfg):
     n_layer, n_head, n_embd = (cfg.n_layer, cfg.n_head, cfg.n_embd) if cfg.model == "custom" else SIZES[cfg.model]
     block_size = cfg.T if cfg.model == "custom" else 1024
     run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=cfg.vocab_size,
-                          block_size=block_size, fsdp=True)
+                          block_size=block_size, fsdp=True, optimizer=cfg.optimizer)
+    muon = cfg.optimizer == "muon"
     print(f"GPT-2 {cfg.model} ({n_layer} layers, {n_embd} wide, vocab {cfg.vocab_size}, T={block_size}) sharded by "
-          f"gpt2.shard_model (FSDP2) in torch's fake process group, one fake step; float32 (no bf16 policy on a CPU mesh)")
-    print(f"{'ranks':>5} {'rank':>4} {'weights':>9} {'(padded)':>9} {'gradients':>9} {'AdamW':>9} | {'estimate:':>9} "
-          f"{'weights':>9} {'gradients':>9} {'AdamW':>9} | simulated / estimate (GB)")
+          f"gpt2.shard_model (FSDP2) in torch's fake process group, one fake step; float32 (no bf16 policy on a CPU mesh)"
+          + ("; --optimizer=muon: optimizer = AdamW's moments and Muon's momentum, muon step = what a second Muon step "
+             "holds at once beyond them (torch's MemTracker)" if muon else ""))
+    print(f"{'ranks':>5} {'rank':>4} {'weights':>9} {'(padded)':>9} {'gradients':>9} {'optimizer':>9} "
+          + (f"{'muon step':>9} " if muon else "") + f"| {'estimate:':>9} {'weights':>9} {'gradients':>9} {'optimizer':>9} "
+          + (f"{'muon step':>9} " if muon else "") + "| simulated / estimate (GB)")
+    parts = ("weights", "gradients", "optimizer", "muon_step") if muon else ("weights", "gradients", "optimizer")
     results = []
     for world_size in (int(w) for w in cfg.world_sizes.split(",")):
         estimate = gpt2.estimate_memory(run_cfg, world_size, gpt2.torch.float32, "plain")
         for rank in sorted({0, world_size - 1}):
             r = simulate_rank(run_cfg, rank, world_size)
-            ratios = {k: r[k] / estimate[k] for k in ("weights", "gradients", "optimizer")}
+            if muon:  # this rank's share of the step (estimate_memory counts the most loaded rank's)
+                shapes = [(3 * n_embd, n_embd), (n_embd, n_embd), (4 * n_embd, n_embd), (n_embd, 4 * n_embd)] * n_layer
+                estimate = {**estimate, "muon_step": gpt2.step_bytes(shapes, [3, 1, 1, 1] * n_layer, world_size, rank)}
+            ratios = {k: r[k] / estimate[k] for k in parts}
             print(f"{world_size:5d} {rank:4d} {r['weights'] / GB:9.3f} {r['weights_padded'] / GB:9.3f} "
-                  f"{r['gradients'] / GB:9.3f} {r['optimizer'] / GB:9.3f} | {'':9} {estimate['weights'] / GB:9.3f} "
-                  f"{estimate['gradients'] / GB:9.3f} {estimate['optimizer'] / GB:9.3f} | "
+                  + "".join(f"{r[k] / GB:9.3f} " for k in parts[1:]) + f"| {'':9} "
+                  + "".join(f"{estimate[k] / GB:9.3f} " for k in parts) + "| "
                   + " ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
-            results.append({"world_size": world_size, "rank": rank, **r,
-                            "estimate": {k: estimate[k] for k in ("weights", "gradients", "optimizer")}})
+            results.append({"world_size": world_size, "rank": rank, **r, "estimate": {k: estimate[k] for k in parts}})
     print("\nrows for the README's table (bf16, T=1024; weights, gradients and AdamW as simulated, the rest estimated):")
     for world_size in sorted({r["world_size"] for r in results}):
         state = max(r["weights_padded"] + r["gradients"] + r["optimizer"] for r in results if r["world_size"] == world_size)

@@ -36,6 +36,8 @@ SUITE = [
     ("memory: activations kept, recompute 0 / 1", ["bench_memory.py"], r"saved for backward ([\d.]+)x", 3),
     ("muon: tokens to AdamW's loss / AdamW's, target <= 0.75", ["bench_muon.py"],
      r"muon/adamw tokens to AdamW's final loss: ([\d.]+)x", None),
+    ("muon: FSDP Newton-Schulz per rank / DDP's, 4 ranks", ["bench_muon.py", "--fsdp=1", "--n_embd=128"],
+     r"FSDP Muon's Newton-Schulz per rank / DDP Muon's: ([\d.]+)x", None),
     ("gpu: 124M MFU % (ours)", ["bench_gpu.py"], r"ours .*MFU\s+([\d.]+)%", 50),
     ("gpu: ours vs build-nanogpt", ["bench_gpu.py"], r"ours / baseline: ([\d.]+)x", 1.1),
     ("gpu: acceptance checks passed, of 7", ["gpu_check.py"], r"gpu_check \w+: (\d+) passed", 7),

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from conftest import TINY, read_log, run_gpt2
 
-from gpt2 import GPT, Config, GPTConfig, MuonAdamW, estimate_memory, load_checkpoint, model_config, muon_settings
+from gpt2 import GPT, Config, GPTConfig, estimate_memory, load_checkpoint, model_config, muon_settings
+from muon import MuonAdamW
 
 C = 32  # the width of the tiny model
 T = 16  # TINY's block_size

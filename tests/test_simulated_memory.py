@@ -44,3 +44,19 @@ def test_simulated_fsdp_shards_match_the_estimate():
     for part in ("weights", "gradients", "optimizer"):
         assert first[part] == pytest.approx(estimate[part], rel=0.02), part
         assert first[part] >= estimate[part]
+
+
+@pytest.mark.parametrize("world", [8, 64])
+def test_simulated_fsdp_muon_state_and_step_match_the_estimate(world):
+    # every dim 0 divides by 64 here, so each rank's shards are exactly 1/world; 8 matrices, so at 64 ranks most own none
+    cfg = gpt2.Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, block_size=64, fsdp=True, optimizer="muon")
+    estimate = gpt2.estimate_memory(cfg, world, torch.float32, "plain")
+    first, last = (bench_memory.simulate_rank(cfg, rank, world) for rank in (0, world - 1))
+    for rank in (first, last):
+        assert rank["optimizer"] == estimate["optimizer"]  # AdamW's moments and Muon's momentum, sharded as the weights
+    # the step's memory beyond the state, counted by torch's MemTracker on the real step: rank 0 orthogonalizes the
+    # largest matrix, which is the estimate's (the most loaded rank); the last rank owns less, or nothing at 64
+    assert first["muon_step"] == estimate["muon_step"]
+    C, L = cfg.n_embd, cfg.n_layer
+    shapes, pieces = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L, [3, 1, 1, 1] * L
+    assert last["muon_step"] == gpt2.step_bytes(shapes, pieces, world, rank=world - 1) < estimate["muon_step"]
