@@ -384,7 +384,7 @@ def simulate(cfg):
     n_layer, n_head, n_embd = (cfg.n_layer, cfg.n_head, cfg.n_embd) if cfg.model == "custom" else SIZES[cfg.model]
     block_size = cfg.T if cfg.model == "custom" else 1024
     run_cfg = gpt2.Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=cfg.vocab_size,
-                          block_size=block_size, fsdp=True, optimizer=cfg.optimizer)
+                          block_size=block_size, fsdp=True, optimizer=cfg.optimizer, micro_batch_size=1)  # state only
     muon = cfg.optimizer == "muon"
     print(f"GPT-2 {cfg.model} ({n_layer} layers, {n_embd} wide, vocab {cfg.vocab_size}, T={block_size}) sharded by "
           f"gpt2.shard_model (FSDP2) in torch's fake process group, one fake step; float32 (no bf16 policy on a CPU mesh)"

@@ -49,7 +49,8 @@ def test_simulated_fsdp_shards_match_the_estimate():
 @pytest.mark.parametrize("world", [8, 64])
 def test_simulated_fsdp_muon_state_and_step_match_the_estimate(world):
     # every dim 0 divides by 64 here, so each rank's shards are exactly 1/world; 8 matrices, so at 64 ranks most own none
-    cfg = gpt2.Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, block_size=64, fsdp=True, optimizer="muon")
+    cfg = gpt2.Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, block_size=64, fsdp=True, optimizer="muon",
+                      micro_batch_size=2)
     estimate = gpt2.estimate_memory(cfg, world, torch.float32, "plain")
     first, last = (bench_memory.simulate_rank(cfg, rank, world) for rank in (0, world - 1))
     for rank in (first, last):
