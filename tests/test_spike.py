@@ -195,6 +195,23 @@ def test_two_ranks_roll_back_and_skip_as_one_process(runs):
     assert a["loader"] == b["loader"]
 
 
+@pytest.mark.slow
+def test_fsdp_muon_rolls_back_to_the_run_told_the_range(runs):
+    # Muon's momentum under FSDP lives in ShardedMuon's sharded state: the rollback must put it back, or the run after
+    # it would differ from one that skipped the same tokens from the start
+    tmp, muon = runs["tmp"], ["--optimizer=muon", "--fsdp=1", "--micro_batch_size=4", "--checkpoint_every=0"]
+    out = run_gpt2(*RUN, *GUARD, *muon, f"--data_dir={runs['bad']}", f"--log_dir={tmp / 'muon_guarded'}",
+                   torchrun_ranks=2).stdout
+    start, end = skipped_range(out)
+    assert start <= BAD_START and BAD_START + BAD_LEN <= end
+    run_gpt2(*RUN, *muon, f"--data_dir={runs['bad']}", f"--log_dir={tmp / 'muon_given'}", f"--skip_tokens={start}-{end}",
+             "--val_every=60", torchrun_ranks=2)
+    guarded, given = kept(tmp / "muon_guarded"), kept(tmp / "muon_given")
+    assert guarded.keys() == given.keys() and sorted(s for s, kind in given if kind == "train") == list(range(120))
+    assert all(guarded[k] == pytest.approx(given[k], abs=1e-6) for k in given), [
+        (k, guarded[k], given[k]) for k in sorted(given) if guarded[k] != pytest.approx(given[k], abs=1e-6)][:3]
+
+
 # --- divergence, and bad settings ---
 
 
