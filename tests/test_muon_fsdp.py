@@ -46,6 +46,9 @@ def worker():
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.optim import _muon
 
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_memory
+
     d = gpt2.setup_distributed("cpu")
     torch.set_num_threads(1)
     cfg = gpt2.Config(**SHAPE, optimizer="muon", muon_weight_decay=0.01)
@@ -90,12 +93,7 @@ def worker():
         optimizer.adamw.step()
         _muon._zeropower_via_newtonschulz, dist.all_to_all_single = counted_newton_schulz, counted_all_to_all
         try:
-            tracker = MemTracker()
-            tracker.track_external(model, optimizer.adamw, optimizer.muon)
-            with tracker:
-                before = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
-                optimizer.muon.step()
-            return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - before
+            return bench_memory.muon_step_bytes(model, optimizer)  # torch's MemTracker, as the benchmark counts it
         finally:
             _muon._zeropower_via_newtonschulz, dist.all_to_all_single = newton_schulz, all_to_all
 
