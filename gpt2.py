@@ -1589,7 +1589,8 @@ def train_step(cfg, d, parts, step, run_log):
                        f"{skipped}", **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value,
                                         "tokens_per_sec": tokens_per_sec})
     else:
-        run_log.print(f"step {step:6d} | loss {loss_value} | non-finite, step skipped (--skip_nonfinite=1)")
+        why = "--spike_guard=1 rolls back" if cfg.spike_guard else "--skip_nonfinite=1"
+        run_log.print(f"step {step:6d} | loss {loss_value} | non-finite, step skipped ({why})")
     return loss_value
 
 
