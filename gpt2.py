@@ -1126,34 +1126,35 @@ def choose_micro_batch(cfg, world_size, dtype, loss_impl, free):
                         f"block_size*world_size = {T}*{world_size}, so no micro batch divides it: pass "
                         f"--total_batch_size={nearest}")
     sizes = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
-    resolved = lambda c: loss_impl if c.loss_impl == cfg.loss_impl else c.loss_impl  # "auto" as the device has it
-    stages = [(loss_impl, cfg.activation_checkpointing)]
+    stages = [(loss_impl, cfg.activation_checkpointing)]  # as configured, then each fallback
     if loss_impl == "plain":
         stages.append(("chunked", cfg.activation_checkpointing))
     if not cfg.activation_checkpointing:
         stages.append(("chunked", True))
-    estimate = lambda c, ranks=world_size: estimate_memory(c, ranks, dtype, resolved(c))["total"]
+
+    def need(b, impl, recompute, fsdp=cfg.fsdp, ranks=world_size):  # the estimate's bytes per rank
+        c = dataclasses.replace(cfg, micro_batch_size=b, activation_checkpointing=recompute, fsdp=fsdp)
+        return estimate_memory(c, ranks, dtype, impl)["total"]
+
     for impl, recompute in stages:
-        for b in sizes:
-            c = dataclasses.replace(cfg, micro_batch_size=b, activation_checkpointing=recompute,
-                                    loss_impl=impl if impl != loss_impl else cfg.loss_impl)
-            if estimate(c) <= usable:
-                how = ("" if impl == loss_impl else f", the {impl} loss") + \
-                      ("" if recompute == cfg.activation_checkpointing else ", activation_checkpointing")
-                bigger = [s for s in sizes if s > b]
-                why = f"; {bigger[-1]} would need {estimate(dataclasses.replace(c, micro_batch_size=bigger[-1])) / 1e9:.1f}" \
-                      f" GB" if bigger and not how else ""
-                return c, (f"micro_batch_size=auto: {b}{how} ({per_rank // b} micro-steps per rank): estimate "
-                           f"{estimate(c) / 1e9:.1f} GB of {usable / 1e9:.1f} GB usable ({free / 1e9:.1f} GB free, less "
-                           f"{MEMORY_RESERVE / 2**30:g} GiB, x {MEMORY_FRACTION}){why}")
-    smallest = dataclasses.replace(cfg, micro_batch_size=1, loss_impl="chunked", activation_checkpointing=True)
-    need = estimate(smallest)
+        b = next((b for b in sizes if need(b, impl, recompute) <= usable), None)
+        if b is None:
+            continue
+        how = ("" if impl == loss_impl else f", the {impl} loss") + \
+              ("" if recompute == cfg.activation_checkpointing else ", activation_checkpointing")
+        bigger = [s for s in sizes if s > b]
+        why = f"; {bigger[-1]} would need {need(bigger[-1], impl, recompute) / 1e9:.1f} GB" if bigger and not how else ""
+        chosen = dataclasses.replace(cfg, micro_batch_size=b, activation_checkpointing=recompute,
+                                     loss_impl=cfg.loss_impl if impl == loss_impl else impl)
+        return chosen, (f"micro_batch_size=auto: {b}{how} ({per_rank // b} micro-steps per rank): estimate "
+                        f"{need(b, impl, recompute) / 1e9:.1f} GB of {usable / 1e9:.1f} GB usable ({free / 1e9:.1f} GB "
+                        f"free, less {MEMORY_RESERVE / 2**30:g} GiB, x {MEMORY_FRACTION}){why}")
     ranks = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-                  if estimate(dataclasses.replace(smallest, fsdp=True), n) <= usable), None)
+                  if need(1, "chunked", True, fsdp=True, ranks=n) <= usable), None)
     shard = f"shard it with --fsdp=1 over {ranks} GPUs or more, or " if ranks and not cfg.fsdp else ""
     raise UserError(f"--micro_batch_size=auto: even 1 sequence with the chunked loss and activation_checkpointing needs "
-                    f"{need / 1e9:.1f} GB per rank by the estimate, and {usable / 1e9:.1f} GB are usable ({free / 1e9:.1f} GB "
-                    f"free): {shard}train a smaller model (fewer --n_layer or --n_embd)")
+                    f"{need(1, 'chunked', True) / 1e9:.1f} GB per rank by the estimate, and {usable / 1e9:.1f} GB are "
+                    f"usable ({free / 1e9:.1f} GB free): {shard}train a smaller model (fewer --n_layer or --n_embd)")
 
 
 def resolve_micro_batch(cfg, d, dtype, say):
@@ -1488,9 +1489,10 @@ class StepParts:
 def forward_backward(parts, d):
     """The micro-steps of one optimizer step: each reads the loader's next micro batch and adds its gradients.
     Returns this rank's mean loss over them (a tensor on d.device), or None when a rank ran out of memory: then every
-    rank returns None (the step's gradients are partial), having agreed on it before any backward pass, whose
-    collectives need every rank. An out-of-memory error inside a collective (FSDP's gathers; DDP's last backward) on
-    one rank alone cannot be recovered this way: torch has no way to take back a collective half made (README)."""
+    rank returns None (the step's gradients are partial), having agreed on it before a backward pass whose collectives
+    need every rank: FSDP's every one (one small all-reduce per micro-step), DDP's last (one per step; a DDP rank that
+    failed earlier skips its micro-steps until then). An out-of-memory error inside a collective (FSDP's gathers; DDP's
+    last backward) on one rank alone cannot be recovered this way: torch cannot take back half a collective (README)."""
     ddp = isinstance(parts.model, nn.parallel.DistributedDataParallel)
     loss_accum = torch.zeros((), device=d.device)
     failed = False
@@ -1505,14 +1507,16 @@ def forward_backward(parts, d):
                         _, loss = parts.model(x, y)
                 except torch.OutOfMemoryError:
                     failed = True
-            if any_rank(failed, d):
+            if (is_last_micro or not ddp) and any_rank(failed, d):
                 return None
+            if failed:
+                continue  # DDP: no collective before the last micro-step, where every rank learns of it
             loss = loss / parts.grad_accum  # the gradient of the mean over the whole batch
             loss_accum += loss.detach()
             try:
                 parts.scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay in its range
             except torch.OutOfMemoryError:
-                failed = True  # told to the others at the next micro-step's agreement, or at the end
+                failed = True  # told to the others at the next agreement, or at the end
             del loss
     return None if any_rank(failed, d) else loss_accum
 
