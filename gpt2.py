@@ -1758,7 +1758,6 @@ class SpikeGuard:
         self.losses = list(saved["losses"])
 
 
-
 def run_training(cfg, overridden, d):
     """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
 
