@@ -28,7 +28,9 @@ import os
 import shutil
 import sys
 import textwrap
+import time
 import tokenize
+from collections import deque
 from collections.abc import Callable
 from types import UnionType
 from typing import Any, NamedTuple, get_args
@@ -419,6 +421,101 @@ def run_cli(main, cfg, argv):
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         sys.exit(1)
+
+
+# --- progress of a long loop ---
+
+
+class Progress:
+    """Where a long loop stands, for its one-line reports: units done of the total, the percent, the wall time elapsed
+    and an ETA from the times of the latest units.
+
+        progress = Progress(cfg.max_steps, done=start_step, skip=1)  # a resumed run counts from where it is
+        progress.update(step + 1, seconds=dt)  # after each step: its own time, evaluations left out
+        print(f"step {progress.count()} | ... | {progress.times()}")
+        # step  1200/19073 (6.3%) | ... | elapsed 1:02:03 | eta 16:20:00
+
+    The ETA is the units left times the median time per unit over the latest `window` updates that count. The median,
+    not the mean: one slow step among twenty (a checkpoint written, a data stall, a recompile) would move a mean, and
+    the ETA, by a twentieth of its length, and the median not at all; a real change of speed shows once it holds for
+    half the window. What does not count: the first `skip` updates that complete units (compilation, warm-up), the time
+    between pause() and resume() (an evaluation), and update(..., timed=False) (units found done already). An update
+    that completes no unit carries its time to the next that does. total=None: a count without percent or ETA.
+    """
+
+    def __init__(self, total, done=0, skip=1, window=20, clock=time.monotonic):
+        self.total, self.done, self.skip, self.clock = total, done, skip, clock
+        self.start = self.last = clock()  # `last`: the previous update, where the time of the next units starts
+        self.recent = deque(maxlen=window)  # seconds per unit of the latest updates that count
+        self.carried = 0.0  # seconds of updates that completed no unit
+        self.excluded, self.paused_at = 0.0, None  # paused seconds since the last update; when the pause began
+
+    def update(self, done, seconds=None, timed=True):
+        """`done` units are complete now. `seconds`: how long the units since the previous update took (default: the
+        clock since then, paused time left out). timed=False: they were done already and take no time; neither they
+        nor the time since the previous update go into the rate."""
+        now = self.clock()
+        if seconds is None:
+            seconds = now - self.last - self.excluded - (now - self.paused_at if self.paused_at is not None else 0.0)
+        self.last, self.excluded = now, 0.0
+        if self.paused_at is not None:
+            self.paused_at = now  # the rest of the pause is left out of the next update
+        units, self.done = done - self.done, done
+        if not timed:
+            self.carried = 0.0
+        elif units <= 0:
+            self.carried += seconds
+        elif self.skip > 0:
+            self.skip -= 1
+            self.carried = 0.0
+        else:
+            self.recent.append((self.carried + seconds) / units)
+            self.carried = 0.0
+
+    def pause(self):
+        """Time from now until resume() is left out of the rate (for updates that time themselves by the clock)."""
+        if self.paused_at is None:
+            self.paused_at = self.clock()
+
+    def resume(self):
+        if self.paused_at is not None:
+            self.excluded += self.clock() - self.paused_at
+            self.paused_at = None
+
+    def eta(self):
+        """Seconds left, or None while no rate is known (or no total)."""
+        if self.total is None:
+            return None
+        left = max(self.total - self.done, 0)
+        if left == 0:
+            return 0.0
+        if not self.recent:
+            return None
+        ranked = sorted(self.recent)
+        return left * (ranked[len(ranked) // 2] + ranked[~(len(ranked) // 2)]) / 2  # the median: the middle one or two
+
+    def count(self):
+        """ 1200/19073 (6.3%): done padded to the total's width, so that the lines stay aligned; 100.0% only once all
+        are done (99.96% of them shows 99.9%)."""
+        if self.total is None:
+            return str(self.done)
+        percent = round(100 * self.done / self.total, 1) if self.total > 0 else 100.0
+        if self.done < self.total:
+            percent = min(percent, 99.9)
+        return f"{self.done:{len(str(self.total))}d}/{self.total} ({percent:.1f}%)"
+
+    def times(self):
+        """elapsed 1:02:03 | eta 16:20:00 (eta ? until a rate is known)."""
+        eta = self.eta()
+        return f"elapsed {hms(self.clock() - self.start)} | eta {'?' if eta is None else hms(eta)}"
+
+
+def hms(seconds):
+    """A duration as h:mm:ss, or with days as 2d 03:04:05."""
+    days, rest = divmod(round(seconds), 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{days}d {h:02d}:{m:02d}:{s:02d}" if days else f"{h}:{m:02d}:{s:02d}"
 
 
 def expand_aliases(argv):

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import ANY, Relation, UserError, at_least, check_settings, expand_aliases, one_of, run_cli
+from cli import ANY, Progress, Relation, UserError, at_least, check_settings, expand_aliases, one_of, run_cli
 from gpt2 import (
     GPT,
     GPT2_VOCAB,
@@ -433,13 +433,18 @@ def evaluate_run(cfg, overridden, d, say):
     log_file = os.path.join(cfg.log_dir, "log.txt")
     autocast, _ = make_autocast(cfg.dtype, d.device)
     hellaswag_data = {}  # examples by file, read once
-    for step, path in found:
+    # a line per checkpoint with how far the run's checkpoints are: the ETA from the times of those evaluated (the
+    # first included: what it reads once, HellaSwag's file, is small beside a checkpoint's evaluation), not skipped ones
+    progress = Progress(len(found), skip=0)
+    for i, (step, path) in enumerate(found, 1):
         ckpt = load_checkpoint(path)
         run = dataclasses.replace(RunConfig(), **{k: v for k, v in ckpt["config"].items() if k in RUN_FIELDS})
         name = os.path.basename(path)
         todo = jobs_to_do(cfg, tasks, run, name, step, done, logged)
         if not todo:
-            say(f"{name}: evaluated already with these settings, skipped")
+            progress.update(i, timed=False)
+            say(f"{name}: evaluated already with these settings, skipped | checkpoint {progress.count()} | "
+                f"{progress.times()}")
             continue
         model = GPT(model_config(run))
         model.load_state_dict(ckpt["model"])
@@ -477,6 +482,8 @@ def evaluate_run(cfg, overridden, d, say):
                     f.write(json.dumps({"checkpoint": name, "step": step, "job": job, "settings": settings,
                                         "kinds": [k for k, _ in lines]}) + "\n")
                 logged |= {(step, k) for k, _ in lines}
+        progress.update(i)
+        say(f"{name} (step {step}) | evaluated | checkpoint {progress.count()} | {progress.times()}")
     if d.is_master and os.path.exists(log_file):
         make_plotter(log_file, os.path.join(cfg.log_dir, "log.png"))()
 

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tiktoken
 
-from cli import ANY, NOT_EMPTY, UserError, at_least, check_settings, one_of, run_cli
+from cli import ANY, NOT_EMPTY, Progress, UserError, at_least, check_settings, one_of, run_cli
 
 # --- config ---
 
@@ -93,6 +93,7 @@ FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 HUB = "hf://datasets"  # Config.hub_root's default: the manifest names the hub_root only when it is another one
 IN_FLIGHT_BYTES = 1 << 30  # text bytes of the units handed out and not yet written: bounds memory (tokens ~0.45x)
+LOG_EVERY = 10  # seconds between progress lines when stderr is not a terminal (a log file), in place of the bar
 
 
 # --- source: which files, in which order ---
@@ -920,19 +921,40 @@ def main(cfg, overridden=()):
 
     pool = worker_pool(num_proc)
     writer = ShardWriter(cfg.out_dir, manifest, cfg.shard_size, cfg.val_tokens, pool)
-    bar = tqdm(total=total, initial=start_row, unit="doc", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
-    t0, tokens, rows_read, shown = time.time(), 0, start_row, 0
+    # a terminal gets tqdm's bar, redrawn in place; a log file gets a line every LOG_EVERY seconds instead (the bar's
+    # redraws would pile up there as one endless line), with the documents done, elapsed time and ETA
+    on_terminal = sys.stderr.isatty()
+    bar = tqdm(total=total, initial=start_row, unit="doc", unit_scale=True, desc="tokenizing", dynamic_ncols=True,
+               disable=not on_terminal)
+    progress = Progress(total, done=start_row, skip=1)  # one update per line: the first holds the workers' start-up
+    t0, tokens, rows_read = time.time(), 0, start_row
+    shown = t0
+
+    def log_progress():
+        speed = f", {tokens / (time.time() - t0) / 1e6:.2f}M tokens/s" if tokens else ""
+        print(f"tokenizing: docs {progress.count()} | {tokens / 1e6:,.1f}M tokens{speed} | {progress.times()}",
+              file=sys.stderr, flush=True)
+
+    if not on_terminal:
+        log_progress()
     stream = tokenize_stream(units, pool, num_proc, cfg.debug)
     try:
         for unit, lengths, toks in stream:
             writer.add(unit.first_row, lengths, toks)
             tokens += len(toks)
-            if time.time() > shown + 1:  # formatting it per unit costs more than the rest of the loop
-                shown = time.time()
-                bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {tokens / (shown - t0) / 1e6:.2f}M tokens/s",
-                                    refresh=False)
             bar.update(unit.first_row + unit.rows - rows_read)
             rows_read = unit.first_row + unit.rows
+            if time.time() > shown + (1 if on_terminal else LOG_EVERY):  # formatting per unit costs more than the loop
+                shown = time.time()
+                if on_terminal:
+                    bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {tokens / (shown - t0) / 1e6:.2f}M tokens/s",
+                                        refresh=False)
+                else:
+                    progress.update(rows_read)
+                    log_progress()
+        if not on_terminal:
+            progress.update(rows_read)
+            log_progress()
         if writer.pos["documents"] == 0:
             raise UserError(f"no documents in {source_label(source)}: all {rows_read:,} rows have an empty "
                             f"{source['text_column']!r}; is --text_column right?")

@@ -14,14 +14,46 @@ gpt2.GPT.configure_optimizers builds it for --optimizer=muon; the README's Muon 
 is tested.
 """
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.optim import _muon  # torch.optim.Muon's Newton-Schulz iteration and learning-rate adjustment: called, not copied
 
+from cli import UserError
+
 # what Muon's matrices travel between ranks in: torch's Newton-Schulz casts its input to bfloat16 before anything else,
 # so sending bfloat16 gives the owner the very input it would have made, for half the bytes of float32
 WIRE = torch.bfloat16
+
+# the private functions of torch.optim._muon that ShardedMuon calls, with the arguments it passes them, in order. Being
+# private, a torch release may rename them or make them take more without notice (one revision's Newton-Schulz takes a
+# required use_addmm), and that would be a TypeError at the first step, maybe hours in: check_torch_muon checks at the start
+TORCH_CALLS = {"_zeropower_via_newtonschulz": ("grad", "ns_coefficients", "ns_steps", "eps"),
+               "_adjust_lr": ("lr", "adjust_lr_fn", "param_shape")}
+
+
+def check_torch_muon(module=_muon, version=torch.__version__):
+    """A one-line UserError where `module` (torch.optim._muon) lacks a function of TORCH_CALLS or the arguments
+    ShardedMuon passes it do not bind to its signature."""
+    for name, args in TORCH_CALLS.items():
+        function = getattr(module, name, None)
+        if function is None:
+            problem = "is missing"
+        else:
+            try:
+                signature = inspect.signature(function)
+            except ValueError:  # no signature to read (compiled code): only the call can tell
+                continue
+            try:
+                signature.bind(*args)
+                continue
+            except TypeError as e:  # e.g. missing a required argument: 'use_addmm'
+                problem = f"takes {signature} ({e})"
+        raise UserError(f"torch {version}: torch.optim._muon.{name}, which Muon under FSDP (--optimizer=muon --fsdp=1) "
+                        f"calls as {name}({', '.join(args)}), {problem}: use torch 2.9-2.13, or --optimizer=adamw, or "
+                        f"--fsdp=0 (torch.optim.Muon itself)")
 
 
 def is_dtensor(t):
@@ -226,6 +258,7 @@ class ShardedMuon(torch.optim.Muon):
     """
 
     def __init__(self, matrices, lr, momentum, weight_decay):
+        check_torch_muon()
         weights = [w for w, _ in matrices]
         super().__init__(weights, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
         self.pieces = {w: pieces for w, pieces in matrices}  # keyed by the parameter itself, as torch keys its state

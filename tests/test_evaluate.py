@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -337,6 +338,22 @@ def test_log_dir_skips_what_training_logged(trained, tmp_path, capsys):
     before = log_lines(run)
     out = run_evaluate_in_process(capsys, f"--log_dir={run}", "--hellaswag=0", "--device=cpu")
     assert "skipped" in out and log_lines(run) == before
+
+
+def test_log_dir_reports_progress_over_the_checkpoints(trained, tmp_path, capsys):
+    """A line per checkpoint, skipped or evaluated, with how many of the run's two checkpoints are done, the time
+    elapsed and the ETA: unknown while nothing was evaluated (a skipped checkpoint says nothing of the speed)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.copy(run / "model_00001.pt", run / "model_00002.pt")  # a later checkpoint, which training did not evaluate
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pt")) == ["model_00001.pt", "model_00002.pt"]
+    out = run_evaluate_in_process(capsys, f"--log_dir={run}", "--hellaswag=0", "--device=cpu")
+    lines = [line for line in out.splitlines() if "| checkpoint " in line]
+    assert len(lines) == 2, out
+    assert re.fullmatch(r"model_00001\.pt: evaluated already with these settings, skipped \| checkpoint 1/2 "
+                        r"\(50\.0%\) \| elapsed 0:00:\d\d \| eta \?", lines[0]), lines[0]
+    assert re.fullmatch(r"model_00002\.pt \(step 2\) \| evaluated \| checkpoint 2/2 \(100\.0%\) \| "
+                        r"elapsed 0:00:\d\d \| eta 0:00:00", lines[1]), lines[1]
 
 
 # --- errors: one line, before any download ---

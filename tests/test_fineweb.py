@@ -487,6 +487,20 @@ def test_an_error_while_the_progress_bar_is_drawn_starts_its_own_line(tmp_path):
     assert len(errors) == 1 and "docs.parquet (row groups 3-3)" in errors[0], out.stderr
 
 
+def test_a_log_file_gets_progress_lines_with_count_and_eta(tmp_path, texts):
+    """stderr not a terminal (a pipe here, a log file in a batch job): whole lines with the documents done of the
+    source's 400, elapsed time and ETA, at the start and at the end, never a bar's carriage-return redraws."""
+    src = write_parquet(tmp_path / "docs.parquet", texts)
+    out = run_cli(f"--data_files={src}", f"--out_dir={tmp_path / 'out'}", "--num_proc=1", "--shard_size=2000",
+                  "--val_tokens=1500")
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("tokenizing:")]
+    assert lines[0] == "tokenizing: docs   0/400 (0.0%) | 0.0M tokens | elapsed 0:00:00 | eta ?"
+    assert re.fullmatch(r"tokenizing: docs 400/400 \(100\.0%\) \| 0\.0M tokens, \d+\.\d\dM tokens/s \| "
+                        r"elapsed 0:00:\d\d \| eta 0:00:00", lines[-1]), lines[-1]
+
+
 def test_foreign_out_dir_is_refused_and_unchanged(tmp_path, texts):
     src = write_parquet(tmp_path / "docs.parquet", texts)
     other = tmp_path / "other"
