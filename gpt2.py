@@ -42,6 +42,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+import weakref
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from cli import (
     ANY,
     NOT_EMPTY,
+    Progress,
     Relation,
     Rule,
     UserError,
@@ -67,6 +69,7 @@ from cli import (
     one_of,
     run_cli,
 )
+from faults import OOM_FILE, PREEMPTED, StopRequest, fit_below, memory_fingerprint, oom_limit, record_oom, smaller_micro_batch
 from muon import MuonAdamW, is_dtensor, step_bytes
 
 # --- config ---
@@ -864,6 +867,19 @@ class Dist:
         return self.rank == 0
 
 
+def local_gpu(local_rank, count):
+    """The index of this rank's GPU among the count that torch sees: LOCAL_RANK modulo count. torchrun shows each of
+    its processes all the machine's GPUs, so rank r takes GPU r. A launcher that gives each process its own GPUs
+    (srun --gpus-per-task=1, or any per-process CUDA_VISIBLE_DEVICES) shows each only those, renumbered from 0, so
+    LOCAL_RANK runs up to 7 while each process sees just cuda:0; modulo gives it that one (torch.distributed.checkpoint
+    picks its default device by the same rule). More ranks than GPUs would share one, which NCCL refuses ("Duplicate
+    GPU detected")."""
+    if count < 1:
+        raise UserError(f"--device=cuda but torch sees no CUDA GPU for LOCAL_RANK={local_rank} (is CUDA_VISIBLE_DEVICES "
+                        f"empty?): use --device=cpu or --device=auto")
+    return local_rank % count
+
+
 def resolve_device(name, local_rank=0):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -873,7 +889,7 @@ def resolve_device(name, local_rank=0):
         raise UserError("--device=cuda but torch sees no CUDA GPU: use --device=cpu or --device=auto")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device=mps but MPS is not available: use --device=cpu or --device=auto")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    return torch.device("cuda", local_gpu(local_rank, torch.cuda.device_count())) if name == "cuda" else torch.device(name)
 
 
 def setup_distributed(device_name, timeout_min=60):
@@ -1081,37 +1097,105 @@ MEMORY_FRACTION = 0.8
 MEMORY_RESERVE = 2**30
 
 
-def free_memory(device, local_world_size=1):
+def free_memory(device, local_world_size=1, root="/"):
     """Bytes this rank may still use on device: the CUDA GPU's free memory (torch.cuda.mem_get_info), MPS's
-    recommended working set less what the driver holds, or on the CPU the least of the available RAM and what this
-    process's cgroup allows, shared by the ranks on this machine."""
+    recommended working set less what the driver holds, or on the CPU the least of the available RAM (MemAvailable)
+    and what each memory cgroup holding this process still allows (memory_limits), shared by the ranks on this machine.
+    On the CPU the files are read under root, so that a test can point it at a tree of its own."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    free = []
-    for path, read in (("/proc/meminfo", lambda f: int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)[1]) * 1024),
-                       ("/sys/fs/cgroup/memory.max", lambda f: int(f.read()) - cgroup_usage())):
-        try:
-            with open(path) as f:
-                free.append(read(f))
-        except (OSError, ValueError, TypeError):  # not Linux, no cgroup v2, or no limit ("max")
-            pass
+    free = [limit - usage for _, limit, usage in memory_limits(root)]
+    if available := re.search(r"^MemAvailable:\s+(\d+) kB", read_text(os.path.join(root, "proc/meminfo")) or "", re.M):
+        free.append(int(available[1]) * 1024)
     if not free:  # neither is known (macOS, Windows): assume a laptop's 8 GB
         free = [8 * 2**30]
-    return min(free) // local_world_size
+    return max(0, min(free)) // local_world_size  # v2's usage may pass memory.high, which throttles rather than stops it
 
 
-def cgroup_usage():
-    with open("/sys/fs/cgroup/memory.current") as f:
-        return int(f.read())
+# Each memory cgroup's limits and usage. cgroup v2 has two limits: memory.max, above which the kernel's OOM killer
+# acts, and memory.high, above which it throttles the group's allocations and reclaims its memory hard. Most tools read
+# memory.max alone; we take the lower of the two, because a training step's tensors cannot be reclaimed (no swap, or
+# swapping them is no better), so a run sized past memory.high is not stopped but crawls. v1 has one limit.
+CGROUP_FILES = {"cgroup2": (("memory.max", "memory.high"), "memory.current"),
+                "cgroup": (("memory.limit_in_bytes",), "memory.usage_in_bytes")}
+
+
+def read_text(path):
+    """The file's text, or None where it cannot be read (missing, not permitted, not text)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_bytes(path):
+    """A cgroup file's number of bytes, or None for no limit: "max" (v2), 2**60 or more (v1 writes 9223372036854771712),
+    or a file that is missing or holds something else."""
+    try:
+        n = int(read_text(path) or "")
+    except ValueError:
+        return None
+    return n if n < 2**60 else None
+
+
+def cgroup_dirs(root="/"):
+    """[(fs, dir)]: the directory of each memory cgroup that holds this process, its own first, then each ancestor up
+    to where its hierarchy is mounted, for cgroup v2 (fs "cgroup2") and v1's memory controller (fs "cgroup"); dir is
+    the path on this machine, each file read under root.
+
+    /proc/self/cgroup names the process's cgroup in each hierarchy ("0::/path" for v2, "N:memory:/path" or
+    "N:memory,xyz:/path" for v1) relative to the hierarchy's root, and /proc/self/mountinfo says where that hierarchy is
+    mounted (field 5) and which of its cgroups the mount shows as its top (field 4). So the process's directory is its
+    path less the mount's root, under the mount point. Inside a container that directory is often not there (a cgroup
+    namespace of its own, or only the container's cgroup mounted): then the mount point is the process's cgroup."""
+    at = lambda path: os.path.join(root, path.lstrip("/"))
+    paths = {}  # fs -> the process's cgroup in that hierarchy
+    for line in (read_text(at("/proc/self/cgroup")) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] == "0" and not parts[1]:
+            paths["cgroup2"] = parts[2]
+        elif len(parts) == 3 and "memory" in parts[1].split(","):
+            paths["cgroup"] = parts[2]
+    dirs = []
+    for line in (read_text(at("/proc/self/mountinfo")) or "").splitlines():
+        mount, _, fs = line.partition(" - ")  # "id parent major:minor root mount_point options..." - "type source options"
+        mount, fs = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in mount.split()], fs.split()
+        if len(mount) < 5 or len(fs) < 3 or fs[0] not in paths or (fs[0] == "cgroup" and "memory" not in fs[2].split(",")):
+            continue
+        path, mount_root, mount_point = paths[fs[0]], mount[3], os.path.normpath(mount[4])
+        inside = path == mount_root or path.startswith(mount_root.rstrip("/") + "/")
+        d = os.path.normpath(os.path.join(mount_point, os.path.relpath(path, mount_root))) if inside else mount_point
+        if os.path.commonpath([d, mount_point]) != mount_point or not os.path.isdir(at(d)):
+            d = mount_point
+        while True:
+            dirs.append((fs[0], at(d)))
+            if d == mount_point:
+                break
+            d = os.path.dirname(d)
+    return dirs
+
+
+def memory_limits(root="/"):
+    """[(dir, limit, usage)] in bytes for each memory cgroup holding this process (cgroup_dirs) that sets a limit; a
+    file that is missing, unreadable or garbled counts as no limit there."""
+    found = []
+    for fs, d in cgroup_dirs(root):
+        limit_names, usage_name = CGROUP_FILES[fs]
+        limit = min((n for n in (read_bytes(os.path.join(d, name)) for name in limit_names) if n is not None), default=None)
+        usage = read_bytes(os.path.join(d, usage_name))
+        if limit is not None and usage is not None:
+            found.append((d, limit, usage))
+    return found
 
 
 def usable_memory(free):
     return max(0.0, (free - MEMORY_RESERVE) * MEMORY_FRACTION)
 
 
-def choose_micro_batch(cfg, world_size, dtype, loss_impl, free):
+def choose_micro_batch(cfg, world_size, dtype, loss_impl, free, below=None):
     """--micro_batch_size=auto: (a cfg with micro_batch_size, loss_impl and activation_checkpointing set, one line
     saying why), for `free` bytes on the rank with the least.
 
@@ -1125,7 +1209,7 @@ def choose_micro_batch(cfg, world_size, dtype, loss_impl, free):
         raise UserError(f"--micro_batch_size=auto: total_batch_size={cfg.total_batch_size} is not a multiple of "
                         f"block_size*world_size = {T}*{world_size}, so no micro batch divides it: pass "
                         f"--total_batch_size={nearest}")
-    sizes = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+    sizes = [b for b in range(min(per_rank, (below or per_rank + 1) - 1), 0, -1) if per_rank % b == 0]
     stages = [(loss_impl, cfg.activation_checkpointing)]  # as configured, then each fallback
     if loss_impl == "plain":
         stages.append(("chunked", cfg.activation_checkpointing))
@@ -1144,6 +1228,7 @@ def choose_micro_batch(cfg, world_size, dtype, loss_impl, free):
               ("" if recompute == cfg.activation_checkpointing else ", activation_checkpointing")
         bigger = [s for s in sizes if s > b]
         why = f"; {bigger[-1]} would need {need(bigger[-1], impl, recompute) / 1e9:.1f} GB" if bigger and not how else ""
+        why += f"; not {below} or more, which ran out of memory in this log_dir" if below else ""
         chosen = dataclasses.replace(cfg, micro_batch_size=b, activation_checkpointing=recompute,
                                      loss_impl=cfg.loss_impl if impl == loss_impl else impl)
         return chosen, (f"micro_batch_size=auto: {b}{how} ({per_rank // b} micro-steps per rank): estimate "
@@ -1159,14 +1244,22 @@ def choose_micro_batch(cfg, world_size, dtype, loss_impl, free):
 
 def resolve_micro_batch(cfg, d, dtype, say):
     """cfg as it will train: an explicit micro_batch_size as it is; auto chosen by choose_micro_batch for the least
-    free memory over the ranks, so that every rank makes the same choice."""
-    if cfg.micro_batch_size != "auto":
+    free memory over the ranks, so that every rank makes the same choice. Either stays below a micro batch that ran out
+    of memory in this log_dir under the same settings (faults.oom_limit: a rank that left mid-collective recorded it)."""
+    limit = oom_limit(cfg.log_dir, memory_fingerprint(cfg, d.world_size), say)
+    if limit is not None:
+        per_rank = cfg.total_batch_size // (cfg.block_size * d.world_size)
+        b = fit_below(cfg.micro_batch_size, limit, per_rank, os.path.join(cfg.log_dir, OOM_FILE), say)
+        if b != "auto":
+            return dataclasses.replace(cfg, micro_batch_size=b)
+    elif cfg.micro_batch_size != "auto":
         return cfg
     free = torch.tensor(float(free_memory(d.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))), dtype=torch.float64)
     if dist.is_initialized():
         free = free.to(d.device)
         dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    cfg, line = choose_micro_batch(cfg, d.world_size, dtype, resolve_loss_impl(cfg.loss_impl, d.device), free.item())
+    cfg, line = choose_micro_batch(cfg, d.world_size, dtype, resolve_loss_impl(cfg.loss_impl, d.device), free.item(),
+                                   below=limit)
     say(line)
     return cfg
 
@@ -1258,12 +1351,31 @@ def start_wandb(cfg):
 
 
 def train(cfg, overridden):
-    """--mode=train: joins torchrun's process group (if any), trains, and leaves the group however training ends."""
-    d = setup_distributed(cfg.device, cfg.dist_timeout_min)
+    """--mode=train: joins torchrun's process group (if any), trains, and leaves the group however training ends.
+    SIGTERM and SIGUSR1 from here on ask for a stop at the next step boundary (faults.StopRequest)."""
+    stop = StopRequest()
     try:
-        run_training(cfg, overridden, d)
+        d = setup_distributed(cfg.device, cfg.dist_timeout_min)
+        try:
+            run_training(cfg, overridden, d, stop)
+        finally:
+            teardown_distributed()
+    except Preempted as e:
+        sys.stdout.flush()
+        if e.is_master:
+            sys.stderr.write(f"preempted: {e}\n")
+            sys.stderr.flush()
+        sys.exit(PREEMPTED)
     finally:
-        teardown_distributed()
+        stop.restore()
+
+
+class Preempted(Exception):
+    """Every rank stopped on a SIGTERM or SIGUSR1 after a step, its checkpoint written (run_training)."""
+
+    def __init__(self, message, is_master):
+        super().__init__(message)
+        self.is_master = is_master
 
 
 def starting_point(cfg, overridden, d, say):
@@ -1484,30 +1596,49 @@ class StepParts:
     grad_accum: int  # micro-steps per optimizer step
     flops_per_token: float
     peak: float  # the device's peak FLOP/s (0: unknown), for MFU
+    stop: StopRequest  # SIGTERM/SIGUSR1 received: the ranks agree to stop after this step (train_step)
+    progress: Progress  # steps done of max_steps, elapsed and ETA, for the step's line
+
+
+class OutOfMemoryInCollective(Exception):
+    """An out-of-memory error where this rank's peers may be inside a collective with it (forward_backward)."""
+
+    def __init__(self, where, micro_batch_size):
+        super().__init__(f"out of memory in the {where} at micro_batch_size={micro_batch_size}")
+        self.where, self.micro_batch_size = where, micro_batch_size
 
 
 def forward_backward(parts, d):
     """The micro-steps of one optimizer step: each reads the loader's next micro batch and adds its gradients.
-    Returns this rank's mean loss over them (a tensor on d.device), or None when a rank ran out of memory: then every
-    rank returns None (the step's gradients are partial), having agreed on it before a backward pass whose collectives
-    need every rank: FSDP's every one (one small all-reduce per micro-step), DDP's last (one per step; a DDP rank that
-    failed earlier skips its micro-steps until then). An out-of-memory error inside a collective (FSDP's gathers; DDP's
-    last backward) on one rank alone cannot be recovered this way: torch cannot take back half a collective (README)."""
+    Returns this rank's mean loss over them (a tensor on d.device), or None when the step must run again at a smaller
+    micro batch.
+
+    An out-of-memory error is taken back only where no collective can be in flight: with one process anywhere; under
+    DDP in any forward and in the backward of a no_sync micro-step. The DDP ranks learn of it in one small all-reduce
+    per step, before the last micro-step's backward (a rank that failed earlier skips its micro-steps until then), and
+    all return None. Where a collective may be in flight (DDP's last backward, where the gradients are all-reduced;
+    every FSDP forward and backward, with their gathers and reduce-scatters) it is raised as OutOfMemoryInCollective:
+    this rank must enter no further collective, and train_step leaves (leave_after_oom)."""
     ddp = isinstance(parts.model, nn.parallel.DistributedDataParallel)
+    alone = d.world_size == 1
     loss_accum = torch.zeros((), device=d.device)
     failed = False
     for micro_step in range(parts.grad_accum):
         x, y = to_device(parts.loader.next_batch(), d.device)
-        # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (README)
+        # DDP all-reduces gradients only in the last micro-step's backward; FSDP reduce-scatters in each (docs/scaling.md)
         is_last_micro = micro_step == parts.grad_accum - 1
         with parts.model.no_sync() if ddp and not is_last_micro else nullcontext():
             if not failed:
                 try:
                     with parts.autocast():
                         _, loss = parts.model(x, y)
-                except torch.OutOfMemoryError:
+                except torch.OutOfMemoryError as e:
+                    if not (alone or ddp):
+                        raise OutOfMemoryInCollective("forward pass", parts.loader.B) from e
                     failed = True
-            if (is_last_micro or not ddp) and any_rank(failed, d):
+            if failed and alone:
+                return None
+            if ddp and is_last_micro and any_rank(failed, d):
                 return None
             if failed:
                 continue  # DDP: no collective before the last micro-step, where every rank learns of it
@@ -1515,10 +1646,14 @@ def forward_backward(parts, d):
             loss_accum += loss.detach()
             try:
                 parts.scaler.scale(loss).backward()  # float16: scaled up so that small gradients stay in its range
-            except torch.OutOfMemoryError:
-                failed = True  # told to the others at the next agreement, or at the end
+            except torch.OutOfMemoryError as e:
+                if not (alone or ddp and not is_last_micro):
+                    raise OutOfMemoryInCollective("backward pass", parts.loader.B) from e
+                failed = True
+                if alone:
+                    return None
             del loss
-    return None if any_rank(failed, d) else loss_accum
+    return loss_accum
 
 
 def any_rank(flag, d):
@@ -1531,9 +1666,10 @@ def any_rank(flag, d):
 
 
 def halve_micro_batch(cfg, d, parts, step, say):
-    """After an out-of-memory micro-step: the step's gradients are dropped, the loader is set back to where the step
-    began and reads micro batches of about half the size (the largest that divides the step), in twice the micro-steps:
-    the step's tokens stay the same. cfg.micro_batch_size follows, so a checkpoint records it."""
+    """After an out-of-memory micro-step that forward_backward took back: the step's gradients are dropped, the loader
+    is set back to where the step began and reads micro batches of about half the size (the largest that divides the
+    step), in twice the micro-steps: the step's tokens stay the same. cfg.micro_batch_size follows, so a checkpoint
+    records it."""
     parts.optimizer.zero_grad(set_to_none=True)
     if isinstance(parts.model, nn.parallel.DistributedDataParallel):
         # the ranks whose forward ran had DDP expect its backward, which never came: DDP's own reset (as its
@@ -1542,7 +1678,7 @@ def halve_micro_batch(cfg, d, parts, step, say):
     if d.device.type == "cuda":
         torch.cuda.empty_cache()
     per_rank = parts.loader.B * parts.grad_accum
-    smaller = next((b for b in range(parts.loader.B // 2, 0, -1) if per_rank % b == 0), None)
+    smaller = smaller_micro_batch(per_rank, parts.loader.B)
     if smaller is None:
         raise UserError(f"step {step}: out of memory with micro_batch_size=1; the last checkpoint in {cfg.log_dir}/ is "
                         f"intact: resume with --activation_checkpointing=1, --loss_impl=chunked, --fsdp=1 or a smaller model")
@@ -1552,25 +1688,54 @@ def halve_micro_batch(cfg, d, parts, step, say):
     cfg.micro_batch_size = smaller
 
 
+def leave_after_oom(cfg, d, step, error):
+    """Where a collective may be in flight, an out-of-memory rank records the failure in log_dir (faults.record_oom),
+    says so in one line and exits at once, entering no collective (not even the process group's teardown): torchrun
+    then stops the other ranks, and a restart (--max-restarts with --init_from=resume) trains from the newest
+    checkpoint at about half the micro batch (resolve_micro_batch reads the record)."""
+    per_rank = error.micro_batch_size * grad_accum_steps(cfg, d.world_size)
+    smaller = smaller_micro_batch(per_rank, error.micro_batch_size)
+    path = record_oom(cfg.log_dir, {"micro_batch_size": error.micro_batch_size, "step": step, "rank": d.rank,
+                                    "where": error.where, "settings": memory_fingerprint(cfg, d.world_size)})
+    restarts_left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if smaller is None:
+        after = ("nothing smaller to halve to: resume with --init_from=resume and --activation_checkpointing=1, "
+                 "--loss_impl=chunked, --fsdp=1 or a smaller model")
+    elif restarts_left > 0 and cfg.init_from == "resume":
+        after = f"torchrun restarts the run from the newest checkpoint at micro_batch_size={smaller}"
+    else:
+        after = f"continue with --init_from=resume (the same command otherwise): it resumes at micro_batch_size={smaller}"
+    sys.stdout.flush()
+    sys.stderr.write(f"error: rank {d.rank}: {error} (step {step}), where the other ranks may be inside a collective "
+                     f"with it: recorded in {path}; stopping the run; {after}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def train_step(cfg, d, parts, step, run_log):
     """One optimizer step at `step`: the micro-steps, the gradient clip, the scheduled learning rate, the update
     (skipped by float16's GradScaler on overflow, or by --skip_nonfinite) and the step's line in the log.
-    Returns the step's loss, the mean over every rank (the same on every rank)."""
+    Returns (the step's loss, the mean over every rank; whether any rank was asked to stop), the same on every rank:
+    the stop request rides on the all-reduce of the loss, which the step makes anyway."""
     device, optimizer, scaler = d.device, parts.optimizer, parts.scaler
     t0 = time.time()
     start = parts.loader.state_dict()
     optimizer.zero_grad(set_to_none=True)
-    while (loss_accum := forward_backward(parts, d)) is None:
-        halve_micro_batch(cfg, d, parts, step, run_log.print)
-        parts.loader.load_state_dict(start)
-    loss_accum = all_reduce_sum(loss_accum) / d.world_size
+    try:
+        while (loss_accum := forward_backward(parts, d)) is None:
+            halve_micro_batch(cfg, d, parts, step, run_log.print)
+            parts.loader.load_state_dict(start)
+    except OutOfMemoryInCollective as e:
+        leave_after_oom(cfg, d, step, e)
+    stop = torch.tensor(float(parts.stop.requested), device=device)
+    loss_accum, stop = all_reduce_sum(torch.stack([loss_accum / d.world_size, stop]))
     scaler.unscale_(optimizer)  # the true gradients again, for the norm and the clip
     norm = clip_gradients(parts.raw_model, cfg.grad_clip)
     lr = get_lr(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1)  # Muon's groups: muon_lr / max_lr
     lrs = "/".join(dict.fromkeys(f"{group['lr']:.4e}" for group in optimizer.param_groups))  # AdamW's[/Muon's]
-    loss_value, norm_value = torch.stack([loss_accum, norm.float()]).tolist()  # one host sync; same on every rank
+    loss_value, norm_value, stop = torch.stack([loss_accum, norm.float(), stop]).tolist()  # one host sync
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     # float16 gradients that overflowed the scale: the scaler skips this step and halves the scale (not a failure)
     overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
@@ -1582,20 +1747,22 @@ def train_step(cfg, d, parts, step, run_log):
     scaler.update()
     synchronize(device)
     dt = time.time() - t0
+    parts.progress.update(step + 1, seconds=dt)
     tokens_per_sec = cfg.total_batch_size / dt
     mfu = f"{100 * parts.flops_per_token * tokens_per_sec / (parts.peak * d.world_size):5.1f}%" if parts.peak else "    -"
     mem = f" | mem {torch.cuda.max_memory_allocated(device) / 1e9:5.1f}GB (reserved " \
           f"{torch.cuda.max_memory_reserved(device) / 1e9:.1f})" if device.type == "cuda" else ""
     if finite or overflow:
         skipped = f" | gradients overflowed float16: step skipped, loss scale now {scaler.get_scale():g}" if overflow else ""
-        run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d} | loss {loss_value:.6f} | lr {lrs} | "
-                       f"norm {norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem}"
-                       f"{skipped}", **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                                        "tokens_per_sec": tokens_per_sec})
+        run_log.record(step, "train", f"{loss_value:.6f}", f"step {step:6d}/{cfg.max_steps} "
+                       f"({100 * (step + 1) / cfg.max_steps:.1f}%) | loss {loss_value:.6f} | lr {lrs} | norm "
+                       f"{norm_value:7.4f} | dt {1000 * dt:8.2f}ms | tok/s {tokens_per_sec:10.0f} | mfu {mfu}{mem} | "
+                       f"{parts.progress.times()}{skipped}",
+                       **{"train/loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens_per_sec": tokens_per_sec})
     else:
         why = "--spike_guard=1 rolls back" if cfg.spike_guard else "--skip_nonfinite=1"
         run_log.print(f"step {step:6d} | loss {loss_value} | non-finite, step skipped ({why})")
-    return loss_value
+    return loss_value, stop > 0
 
 
 class Evals(NamedTuple):
@@ -1650,6 +1817,48 @@ def spike_test(losses, above, loss, cfg):
     return ("above" if above + 1 < cfg.spike_patience else "spike"), why
 
 
+HOST_ALIGN = 64  # bytes: each host copy starts on a cache line of its own
+
+
+def host_copies(tensors, pin):
+    """(buffer, copies, pinned): one flat host buffer of uint8 sized to the tensors' bytes, and for each tensor an
+    uninitialised copy of its shape and dtype that is a view into the buffer, starting on a HOST_ALIGN-byte boundary.
+
+    pin (for tensors on a CUDA GPU) page-locks the buffer, so that copies to and from the GPU run at the bus's speed;
+    pinned says whether it is. Not with pin_memory=True: torch's pinned allocator (CachingHostAllocator) rounds each
+    request up to a power of two, so the copies would take up to twice the state's bytes. Here the driver locks the
+    buffer once, at its own size (page_lock)."""
+    offsets, end = [], 0
+    for t in tensors:
+        offsets.append(-(-end // HOST_ALIGN) * HOST_ALIGN)
+        end = offsets[-1] + t.numel() * t.element_size()
+    raw = np.empty(end + HOST_ALIGN, dtype=np.uint8)  # numpy's, so that page_lock can tell when its memory is freed
+    skip = -raw.ctypes.data % HOST_ALIGN
+    buffer = torch.from_numpy(raw)[skip:skip + end]  # (end,); it and each view hold raw
+    copies = [buffer[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+              for o, t in zip(offsets, tensors, strict=True)]
+    return buffer, copies, bool(pin and end and page_lock(raw, buffer))
+
+
+def page_lock(raw, buffer):
+    """Page-locks buffer's memory (which the numpy array raw holds) with the CUDA driver, once, at its own size:
+    cudaHostRegister as torch.cuda._pin_memory_utils calls it, 0 being success; and unlocks it (cudaHostUnregister)
+    just before raw's memory is freed, when the last view of it goes. True if locked; False, with a warning, where the
+    driver refuses (ulimit -l, say): the memory stays pageable and the copies run slower."""
+    try:
+        cudart = torch.cuda.cudart()
+        code = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.nbytes, 0))
+        why = f"cudaHostRegister returned error {code}" if code else ""
+    except (AssertionError, AttributeError, RuntimeError) as e:  # torch without CUDA
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        print(f"warning: cannot page-lock {buffer.nbytes / 1e9:.2f} GB of host memory ({why}); it stays pageable, and "
+              f"copies between it and the GPU are slower")
+        return False
+    weakref.finalize(raw, cudart.cudaHostUnregister, buffer.data_ptr()).atexit = False  # at exit the driver frees all
+    return True
+
+
 class SpikeGuard:
     """PaLM's answer to loss spikes (Chowdhery et al. 2022, section 5.1): go back to a state from before the spike and
     skip the data it was trained on, "roughly 200-500 data batches, which cover the batches that were seen before and
@@ -1681,9 +1890,8 @@ class SpikeGuard:
                             f"{parts.loader.total // cfg.total_batch_size}")
         self.saved = None
         self.snapshot(start_step)
-        size = estimate_memory(cfg, d.world_size, torch.float32, "chunked")
         run_log.print(f"spike guard: the state is copied to host memory every {cfg.spike_snapshot_every} steps and at "
-                      f"checkpoints, {(size['weights'] + size['optimizer']) / 1e9:.2f} GB per rank")
+                      f"checkpoints: {self.held}")
 
     def state_dict(self):
         return {"losses": list(self.losses), "rollbacks": list(self.rollbacks)}
@@ -1733,8 +1941,14 @@ class SpikeGuard:
         live, keys = self.tensors()
         copies = self.saved["tensors"] if self.saved else []
         if [(c.shape, c.dtype) for c in copies] != [(t.shape, t.dtype) for t in live]:  # else reuse the memory
-            pin = self.d.device.type == "cuda"  # page-locked: the copy runs at the bus's speed
-            copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in live]
+            first = self.saved is None
+            self.saved = self.buffer = copies = None  # the old copy is freed before the new one is made
+            self.buffer, copies, pinned = host_copies(live, pin=self.d.device.type == "cuda")
+            what = "and the optimizer's state" if keys else "(the optimizer's state joins them at the next copy)"
+            self.held = (f"{self.buffer.nbytes / 1e9:.2f} GB of host memory per rank "
+                         f"({'page-locked' if pinned else 'pageable'}) for the parameters {what}")
+            if not first:  # the optimizer's state has come
+                self.run_log.print(f"spike guard: the copy now takes {self.held}")
         for copy, t in zip(copies, live, strict=True):
             copy.copy_(t, non_blocking=True)
         synchronize(self.d.device)
@@ -1758,12 +1972,13 @@ class SpikeGuard:
         self.losses = list(saved["losses"])
 
 
-def run_training(cfg, overridden, d):
+def run_training(cfg, overridden, d, stop):
     """Trains from cfg.init_from until max_steps on every rank of d (a Dist; rank 0 prints and writes).
 
     Each optimizer step reads total_batch_size tokens, split over the ranks and grad_accum micro-steps of
     micro_batch_size x block_size, and takes one optimizer step with the scheduled learning rate. Before a step, when due:
-    validation loss, HellaSwag and samples; after it, when due, a checkpoint.
+    validation loss, HellaSwag and samples; after it, when due, a checkpoint. When a rank has received a stop signal
+    (`stop`, a faults.StopRequest), every rank stops after the same step with a checkpoint: Preempted.
     """
     say = print if d.is_master else (lambda *args, **kwargs: None)
     cfg, ckpt, hf_model = starting_point(cfg, overridden, d, say)
@@ -1789,7 +2004,7 @@ def run_training(cfg, overridden, d):
     spike_state = ckpt.get("spike_guard") if ckpt else None
     del ckpt, hf_model  # the model holds the weights now
     parts = StepParts(wrap_model(cfg, raw_model, d), raw_model, optimizer, scaler, train_loader, autocast, grad_accum,
-                      raw_model.flops_per_token(T), peak_flops(device))
+                      raw_model.flops_per_token(T), peak_flops(device), stop, Progress(cfg.max_steps, done=start_step))
     run_log = RunLog(cfg, d.is_master, start_step)
     say(f"{raw_model.num_params():,} parameters | {grad_accum} micro-steps of {B}x{T} x {d.world_size} ranks "
         f"= {cfg.total_batch_size:,} tokens per step | {device} | {str(dtype).removeprefix('torch.')}"
@@ -1806,13 +2021,18 @@ def run_training(cfg, overridden, d):
         if last:
             break
 
-        loss = train_step(cfg, d, parts, step, run_log)
+        loss, stopping = train_step(cfg, d, parts, step, run_log)
         if guard and (back := guard.check(step, loss)) is not None:
             step = back  # a spike: the state of step `back` is back, and the data from there to past the spike skipped
             continue
-        if is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps):
+        if stopping or is_due(cfg.checkpoint_every, step + 1, step + 1 == cfg.max_steps):
             write_checkpoint(cfg, d, raw_model, optimizer, scaler, train_loader, step + 1, say,
                              guard.state_dict() if guard else None)
+        if stopping:
+            run_log.finish()
+            raise Preempted(f"{' then '.join(stop.received) or 'a stop signal on another rank'} received: stopped "
+                            f"after step {step} of {cfg.max_steps} with {checkpoint_path(cfg.log_dir, step + 1)} "
+                            f"written; continue with --init_from=resume (the same command otherwise)", d.is_master)
         step += 1
     run_log.finish()
 
@@ -2583,6 +2803,7 @@ def main(cfg, overridden):
         raise UserError(f"--init_from={cfg.init_from}: no such checkpoint; pass scratch, resume, a model_XXXXX.pt path, "
                         f"a Hugging Face GPT-2 name ({', '.join(HF_HUB_NAMES)}) or a directory saved by transformers")
     if cfg.mode == "train":
+        find_shards(cfg.data_dir, "train")  # the cheap checks first: before any estimate, model build or download
         train(cfg, overridden)
     elif cfg.mode == "sample":
         sample(cfg)

@@ -243,7 +243,7 @@ def test_bad_spike_settings(runs):
             gpt2.check_config(cfg)
     cfg = gpt2.Config(total_batch_size=STEP, spike_skip_steps=1000)
     loader = gpt2.DataLoaderLite(runs["bad"], "train", 8, 32)
-    parts = gpt2.StepParts(None, None, None, None, loader, None, 1, 0.0, 0.0)
+    parts = gpt2.StepParts(None, None, None, None, loader, None, 1, 0.0, 0.0, None, None)
     with pytest.raises(cli.UserError, match="--spike_skip_steps=1000 skips 256,000 tokens past a spike, more than the "
                                             "train split's 42,000: pass a smaller one, at most --spike_skip_steps=164"):
         gpt2.SpikeGuard(cfg, gpt2.Dist(0, 0, 1, torch.device("cpu")), parts, 0, None)
@@ -255,4 +255,4 @@ def test_healthy_runs_never_roll_back(runs):
     out = run_gpt2(*RUN, *GUARD, "--spike_window=20", "--optimizer=muon", "--lr_schedule=wsd", "--dtype=float16",
                    "--val_every=0", "--checkpoint_every=0", f"--data_dir={runs['tmp'] / 'clean'}",
                    f"--log_dir={runs['tmp'] / 'healthy'}").stdout
-    assert "rolled back" not in out and "step    119 | loss" in out
+    assert "rolled back" not in out and "step    119/120 (100.0%) | loss" in out

@@ -1,0 +1,130 @@
+"""
+What a cluster does to a training run, and how gpt2.py answers it: an out-of-memory error on one rank while its
+peers may be inside a collective with it, and preemption (a scheduler's SIGTERM or SIGUSR1 before it kills).
+
+Out of memory mid-collective. torch cannot take back half a collective: a rank that failed inside FSDP's gathers or
+DDP's last backward must not enter another one (NCCL checks no message sizes, so the next collective would pair with
+the wrong one: a hang, or gradients summed with the wrong buffers). The failing rank records the failure in
+log_dir/oom.json (record_oom), prints one line and exits; torchrun stops the other ranks, and under --max-restarts
+the restarted run reads the record (oom_limit) and trains from the newest checkpoint at about half the micro batch.
+
+Preemption. StopRequest turns SIGTERM and SIGUSR1 into a flag; the training loop folds it into the all-reduce its
+step already makes, so every rank stops after the same step, writes the usual checkpoint and exits with status
+PREEMPTED.
+
+Imports nothing but cli and the standard library: gpt2.py imports this module, never the reverse.
+"""
+
+import json
+import os
+import signal
+import time
+
+from cli import UserError
+
+OOM_FILE = "oom.json"
+PREEMPTED = 75  # the exit status of a preempted run: sysexits' EX_TEMPFAIL, "try again later"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # spot instances and SLURM's time limit; SLURM's --signal=USR1@N
+
+# the settings that decide a micro batch's memory: a failure recorded under others says nothing about this run
+MEMORY_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "total_batch_size", "dtype", "fsdp",
+               "activation_checkpointing", "loss_impl", "optimizer", "compile")
+
+
+def smaller_micro_batch(per_rank, micro_batch_size):
+    """About half of micro_batch_size: the largest micro batch at most its half that divides per_rank, this rank's
+    sequences per step (so the step's tokens stay the same); None below 1."""
+    return next((b for b in range(micro_batch_size // 2, 0, -1) if per_rank % b == 0), None)
+
+
+def memory_fingerprint(cfg, world_size):
+    return {**{k: getattr(cfg, k) for k in MEMORY_KEYS}, "world_size": world_size}
+
+
+def read_oom_records(log_dir):
+    """(the records in log_dir/oom.json, None if there is no such file), or a UserError-worthy reason it cannot be
+    read as a list of records."""
+    path = os.path.join(log_dir, OOM_FILE)
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("micro_batch_size"), int)
+                                                and isinstance(r.get("settings"), dict) for r in records):
+        return None, "not a list of records with micro_batch_size and settings"
+    return records, None
+
+
+def record_oom(log_dir, record):
+    """Adds `record` (a dict: micro_batch_size, settings, step, rank, where) to log_dir/oom.json, atomically: a file
+    of this rank's own is written and renamed over it, so ranks that fail together never leave half a file. A record
+    that cannot be read is kept beside it (oom.json.unreadable), never overwritten."""
+    path = os.path.join(log_dir, OOM_FILE)
+    records, error = read_oom_records(log_dir)
+    if error:
+        os.replace(path, path + ".unreadable")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump([*(records or []), {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}], f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def oom_limit(log_dir, fingerprint, say):
+    """The smallest micro batch that ran out of memory in log_dir under these settings (fingerprint), or None. A
+    record that cannot be read, or one from a run with other settings, is named in one line and ignored."""
+    path = os.path.join(log_dir, OOM_FILE)
+    records, error = read_oom_records(log_dir)
+    if error:
+        say(f"warning: ignoring {path}, which cannot be read ({error}); it is left as it is")
+        return None
+    ours = [r["micro_batch_size"] for r in records or [] if r["settings"] == fingerprint]
+    if records and not ours:
+        theirs = records[-1]["settings"]
+        differ = ", ".join(f"{k}={theirs.get(k)!r}" for k in fingerprint if theirs.get(k) != fingerprint[k])
+        say(f"ignoring {path}: its out-of-memory records come from a run with other settings ({differ})")
+    return min(ours) if ours else None
+
+
+def fit_below(micro_batch_size, limit, per_rank, path, say):
+    """An explicit micro_batch_size, halved until it is below `limit` (one that ran out of memory, recorded in `path`),
+    with a line saying so; "auto" as it is (choose_micro_batch stays below the limit). A UserError when even 1 ran
+    out, as nothing is smaller."""
+    b = micro_batch_size
+    if b == "auto" and limit > 1 or b != "auto" and b < limit:
+        return b
+    smaller = b if b != "auto" else 1
+    while smaller is not None and smaller >= limit:
+        smaller = smaller_micro_batch(per_rank, smaller)
+    if smaller is None:
+        raise UserError(f"micro_batch_size={limit} ran out of memory in this log_dir ({path}) and there is nothing "
+                        f"smaller to halve to: resume with --activation_checkpointing=1, --loss_impl=chunked, --fsdp=1 "
+                        f"or a smaller model")
+    say(f"micro_batch_size={b}: {limit} ran out of memory in this run ({path}), so {smaller} "
+        f"({per_rank // smaller} micro-steps per rank)")
+    return smaller
+
+
+class StopRequest:
+    """SIGTERM and SIGUSR1 ask the run to stop: the handler only notes the signal (whatever the process is doing, a
+    checkpoint being written included, goes on), and the training loop stops at the next step boundary. A second
+    signal is noted too and changes nothing. restore() puts the previous handlers back."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.received = []  # the names of the signals, in order
+        self.previous = {s: signal.signal(s, self._note) for s in signals}
+
+    def _note(self, signum, frame):
+        self.received.append(signal.Signals(signum).name)  # nothing else here: no print, no I/O in a handler
+
+    @property
+    def requested(self):
+        return bool(self.received)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
