@@ -107,7 +107,7 @@ class Config:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
     optimizer: str = "adamw"  # adamw (GPT-2's recipe) | muon: Muon for the 2-D weights in the blocks, AdamW (above) the rest
-    muon_lr: float = 0.02  # Muon's peak lr, scheduled as max_lr is; these 3 are Keller Jordan's Muon recipe (README)
+    muon_lr: float = 0.02  # Muon's peak lr, scheduled as max_lr is; these 3 are Keller Jordan's Muon recipe (docs/muon.md)
     muon_momentum: float = 0.95  # Nesterov momentum
     muon_weight_decay: float = 0.0  # decoupled: each step multiplies the weights by 1 - scheduled muon_lr * this
     seed: int = 1337  # model init, sampling and the shuffled order
@@ -128,7 +128,7 @@ class Config:
     checkpoint_every: int = 5000  # also at the end of training
     keep_checkpoints: int = 0  # keep only the newest K checkpoints; 0 keeps all
     skip_nonfinite: bool = False  # skip an optimizer step whose loss is NaN/inf instead of stopping
-    # loss spikes: roll back and skip the data that caused them (PaLM's recipe; see SpikeGuard and the README)
+    # loss spikes: roll back and skip the data that caused them (PaLM's recipe; see SpikeGuard and docs/reliability.md)
     spike_guard: bool = False  # on a spike, roll every rank back to a snapshot in host memory and skip that data
     spike_window: int = 100  # a spike: a loss above the median of the last N steps' losses...
     spike_k: float = 10.0  # ...by more than k median absolute deviations of them...
@@ -942,7 +942,7 @@ def make_autocast(dtype, device, fsdp_casts=False):
     Autocast runs matmuls in bfloat16/float16 and keeps float32 weights and residual stream. Under FSDP with a
     16-bit dtype (fsdp_casts) the MixedPrecisionPolicy casts the gathered weights and each unit's inputs instead, as
     torchtitan does, and autocast stays off: the residual stream is then 16-bit, so bf16 FSDP and bf16 DDP differ
-    numerically (README)."""
+    numerically (docs/scaling.md)."""
     dtype = resolve_dtype(dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
@@ -1031,7 +1031,7 @@ def get_lr(step, cfg):
 
 def estimate_memory(cfg, world_size, dtype, loss_impl):
     """Bytes per rank that training with cfg in compute dtype `dtype` (a torch.dtype) needs, from the config alone:
-    a dict of the parts (see the README).
+    a dict of the parts (see docs/scaling.md).
 
     Weights, gradients and AdamW's two moments are float32: 4 + 4 + 8 bytes per parameter (Muon keeps one moment for
     the blocks' matrices: 4 bytes for those under --optimizer=muon; under FSDP its step adds muon_step, each owner's
@@ -1091,7 +1091,7 @@ def grad_accum_steps(cfg, world_size):
 
 
 # The estimate leaves out the CUDA context, the allocator's cached and fragmented blocks, NCCL's buffers and
-# torch.compile's autotuning; measured against it (bench/bench_memory.py, README), the peak was up to 1/0.82 of the
+# torch.compile's autotuning; measured against it (bench/bench_memory.py, docs/performance.md), the peak was up to 1/0.82 of the
 # estimate. So auto keeps the estimate within MEMORY_FRACTION of the free memory, after MEMORY_RESERVE bytes.
 MEMORY_FRACTION = 0.8
 MEMORY_RESERVE = 2**30
@@ -1707,7 +1707,7 @@ def leave_after_oom(cfg, d, step, error):
         after = f"continue with --init_from=resume (the same command otherwise): it resumes at micro_batch_size={smaller}"
     sys.stdout.flush()
     sys.stderr.write(f"error: rank {d.rank}: {error} (step {step}), where the other ranks may be inside a collective "
-                     f"with it: recorded in {path}; stopping the run; {after}\n")
+                     f"with it: recorded in {path}, stopping the run: {after}\n")
     sys.stderr.flush()
     os._exit(1)
 

@@ -10,7 +10,7 @@ nanochat's DistMuon do the same).
     optimizer = muon.MuonAdamW(torch.optim.AdamW(others), [(c_attn.weight, 3), (c_proj.weight, 1)], lr=0.02,
                                momentum=0.95, weight_decay=0.0, lr_scale=0.02 / 6e-4)
 
-gpt2.GPT.configure_optimizers builds it for --optimizer=muon; the README's Muon section says what it does and how it
+gpt2.GPT.configure_optimizers builds it for --optimizer=muon; docs/muon.md says what it does and how it
 is tested.
 """
 

@@ -13,7 +13,6 @@ GPU's dense bf16 peak, and peak memory; the last line is the ratio. Skips (exit 
                                                   # the same comparison on a CPU at a tiny size, to try the code
 """
 
-import math
 import os
 import re
 import statistics
@@ -31,14 +30,13 @@ if __name__ == "__main__":  # --help is read from this file's text, before the i
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from machine import describe  # noqa: E402
+from profile_step import NanoGPT, NanoLoader, nanogpt_lr  # noqa: E402
 
 import gpt2  # noqa: E402
 from cli import run_cli  # noqa: E402
@@ -59,96 +57,7 @@ class Config:
     compile: bool = True  # torch.compile both
 
 
-# --- the baseline: build-nanogpt's model and training step, self-contained ---
-
-
-class NanoSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, n_layer):
-        super().__init__()
-        self.n_head, self.n_embd = n_head, n_embd
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
-        self.c_proj.init_std = 0.02 * (2 * n_layer) ** -0.5  # residual projections, scaled as GPT-2
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class NanoBlock(nn.Module):
-    def __init__(self, n_embd, n_head, n_layer):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = NanoSelfAttention(n_embd, n_head, n_layer)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(n_embd, 4 * n_embd), c_proj=nn.Linear(4 * n_embd, n_embd)))
-        self.mlp.c_proj.init_std = 0.02 * (2 * n_layer) ** -0.5
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        h = self.ln_2(x)
-        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(h), approximate="tanh"))
-
-
-class NanoGPT(nn.Module):
-    """build-nanogpt's GPT: the same parameters, names and initialisation as GPT-2 (and as gpt2.GPT), and the loss
-    its way: the whole (B, T, vocab) logits, then F.cross_entropy."""
-
-    def __init__(self, block_size, vocab_size, n_layer, n_head, n_embd):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            h=nn.ModuleList([NanoBlock(n_embd, n_head, n_layer) for _ in range(n_layer)]),
-            ln_f=nn.LayerNorm(n_embd),
-        ))
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", 0.02))
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    def forward(self, idx, targets):
-        T = idx.size(1)
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
-
-
-class NanoLoader:
-    """build-nanogpt's loader: a whole shard as an int64 tensor on the host, read B*T+1 tokens at a time."""
-
-    def __init__(self, path, B, T):
-        self.tokens = torch.tensor(np.load(path).astype(np.int32), dtype=torch.long)
-        self.B, self.T, self.pos = B, T, 0
-
-    def next_batch(self):
-        B, T = self.B, self.T
-        buf = self.tokens[self.pos:self.pos + B * T + 1]
-        self.pos += B * T
-        if self.pos + B * T + 1 > len(self.tokens):
-            self.pos = 0
-        return buf[:-1].view(B, T), buf[1:].view(B, T)
-
-
-def nanogpt_lr(step, max_lr=6e-4, warmup=715, max_steps=19073):
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = min((step - warmup) / (max_steps - warmup), 1.0)
-    return 0.1 * max_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * 0.9 * max_lr
+# --- the baseline: build-nanogpt's training loop (its model, loader and schedule are in profile_step.py) ---
 
 
 def baseline(cfg, train_file):

@@ -3,7 +3,7 @@
     python bench/bench_memory.py                  # GPT-2 medium's shape (24 layers, 1024 wide), short sequences
     python bench/bench_memory.py --run=large      # GPT-2 large (774M) trained 3 steps by gpt2.py on 2 FSDP ranks
     python bench/bench_memory.py --run=resume     # GPT-2 medium's shape on 2 FSDP ranks: host memory of a resume vs training
-    python bench/bench_memory.py --run=table      # the README's table of estimates (GPT-2 sizes x 8 ranks x GPUs)
+    python bench/bench_memory.py --run=table      # the table of estimates in docs/scaling.md (GPT-2 sizes x 8 ranks x GPUs)
     python bench/bench_memory.py --run=simulate   # GPT-2 1.5B sharded by the real FSDP2 code over 8 and 64 fake ranks
     python bench/bench_memory.py --run=simulate --optimizer=muon   # the same with Muon (--run=resume takes it too)
 
@@ -291,7 +291,7 @@ def largest_micro_batches(run_cfg, world_size, state=None):
 
 
 def table_row(name, mode, run_cfg, world_size, state=None):
-    """One row of the README's table: model, mode, state per rank, activations per sequence, the micro batches that fit."""
+    """One row of docs/scaling.md's table: model, mode, state per rank, activations per sequence, the micro batches that fit."""
     import gpt2
 
     one = gpt2.estimate_memory(replace(run_cfg, micro_batch_size=1), world_size, gpt2.torch.bfloat16, "plain")
@@ -408,7 +408,7 @@ def simulate(cfg):
                   + "".join(f"{estimate[k] / GB:9.3f} " for k in parts) + "| "
                   + " ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
             results.append({"world_size": world_size, "rank": rank, **r, "estimate": {k: estimate[k] for k in parts}})
-    print("\nrows for the README's table (bf16, T=1024; weights, gradients and AdamW as simulated, the rest estimated):")
+    print("\nrows for docs/scaling.md's table (bf16, T=1024; weights, gradients and AdamW as simulated, the rest estimated):")
     for world_size in sorted({r["world_size"] for r in results}):
         state = max(r["weights_padded"] + r["gradients"] + r["optimizer"] for r in results if r["world_size"] == world_size)
         for mode, recompute in (("FSDP", False), ("FSDP + recompute", True)):

@@ -1,4 +1,5 @@
-"""bench/gpu_check.py's checks at their CPU size, and bench/bench_gpu.py's build-nanogpt baseline against our model.
+"""bench/gpu_check.py's checks at their CPU size, build-nanogpt's baseline against our model, and bench/profile_step.py's
+timing in turn and profile of our step.
 
 The GPU itself is not here: these run the checks' logic (the runs, the comparisons, the PASS/FAIL lines and the
 summary) on tiny shapes, and what the script does without CUDA.
@@ -16,8 +17,8 @@ import gpt2
 from cli import apply_overrides
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench_gpu  # noqa: E402
 import gpu_check  # noqa: E402
+import profile_step  # noqa: E402
 
 
 @pytest.fixture
@@ -151,11 +152,12 @@ def test_hellaswag_items_are_in_the_real_format(tmp_path):
 
 
 def test_the_baseline_is_gpt2_as_build_nanogpt_writes_it():
+    nano = profile_step.NanoGPT  # bench_gpu.py's and gpu_check.py's baseline
     shape = dict(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(3)
     ours = gpt2.GPT(gpt2.GPTConfig(**shape))
     torch.manual_seed(3)
-    theirs = bench_gpu.NanoGPT(**shape)
+    theirs = nano(**shape)
     # the same parameters, names and GPT-2 initialisation: from one seed, the same weights
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for name, tensor in ours.state_dict().items():
@@ -171,3 +173,91 @@ def test_the_baseline_is_gpt2_as_build_nanogpt_writes_it():
     grads = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_steps_run_in_turn_and_the_ratio_is_of_their_medians():
+    # two fake step functions on a fake clock: each call records itself and moves the clock by its step's time
+    now, calls = [0.0], []
+
+    def fake(name, seconds):
+        def step(i):
+            calls.append((name, i))
+            now[0] += seconds(i)
+        return step
+
+    ours = fake("ours", lambda i: 9.0 if i == 4 else 1.0)  # one step slowed, as by a neighbour's burst
+    baseline = fake("baseline", lambda i: 100.0 if i < 2 else 2.0 + (i % 2) / 10)  # its warmup (compilation) is slow
+    times = profile_step.time_in_turn({"ours": ours, "baseline": baseline}, rounds=5, warmup=2, device=torch.device("cpu"),
+                                      clock=lambda: now[0])
+    assert calls == [(name, i) for i in range(7) for name in ("ours", "baseline")]  # A B A B ..., warmup included
+    assert times["ours"] == pytest.approx([1, 1, 9, 1, 1]) and times["baseline"] == pytest.approx([2, 2.1, 2, 2.1, 2])
+    # medians 2.0 / 1.0; the means (2.04 / 2.6) would call ours the slower
+    assert profile_step.speed_ratio(times) == pytest.approx(2.0)
+
+
+def test_categories_from_torch_op_and_kernel_names():
+    step, mlp, loss = profile_step.STEP, profile_step.LABEL + "mlp", profile_step.LOSS
+    backward = [step, "autograd::engine::evaluate_function: AddmmBackward0", "AddmmBackward0"]
+    expected = {
+        (step, "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"): "attention",
+        (step, "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_efficient_attention",
+         "aten::_efficient_attention_forward", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"): "attention",
+        (step, "autograd::engine::evaluate_function: ScaledDotProductFlashAttentionBackward0",
+         "ScaledDotProductFlashAttentionBackward0", "aten::_scaled_dot_product_flash_attention_backward",
+         "aten::_flash_attention_backward"): "attention",
+        (step, mlp, "aten::linear", "aten::addmm"): "matmul mlp",
+        (step, mlp, "aten::mm"): "matmul mlp",
+        (step, mlp, "aten::linear", "aten::addmm", *backward, "aten::mm"): "matmul mlp",  # its backward, made by addmm
+        (step, profile_step.LABEL + "qkv", "aten::linear", "aten::addmm", "sm90_xmma_gemm_bf16bf16_bf16f32"): "matmul qkv",
+        (step, profile_step.LABEL + "attn out", "aten::linear", "aten::addmm"): "matmul attn out",
+        (step, loss, profile_step.LABEL + "lm_head", "aten::linear", "aten::mm"): "matmul lm_head",  # the plain loss
+        (step, loss, "LinearCrossEntropy", "aten::matmul", "aten::mm"): "matmul lm_head",  # the chunked loss's own
+        (step, loss, "LinearCrossEntropy", "aten::log_softmax", "aten::_log_softmax"): "loss",
+        (step, loss, "aten::cross_entropy_loss", "aten::nll_loss_nd", "aten::nll_loss"): "loss",
+        (step, "Optimizer.step#AdamW.step", "aten::_fused_adamw_"): "optimizer",
+        (step, "Optimizer.zero_grad#AdamW.zero_grad"): "optimizer",
+        (step, "aten::_foreach_norm"): "optimizer",  # the gradient clip
+        (step, profile_step.DATA): "data",
+        (step, "aten::to", "aten::_to_copy", "aten::copy_", "Memcpy HtoD (Pinned -> Device)"): "data",
+        (step,): "host / idle",
+        (step, "aten::item", "aten::_local_scalar_dense"): "host / idle",
+        (step, "aten::layer_norm", "aten::native_layer_norm"): "other",
+        (step, "aten::gelu"): "other",
+        (*backward, "aten::mm"): "other",  # a backward matmul whose forward op was in no label
+    }
+    assert {names: profile_step.categorize(list(names)) for names in expected} == expected
+
+
+def test_where_our_step_time_goes_on_the_cpu(setup):
+    ours = profile_step.OurStep(setup.model, setup.micro_batch, 2, setup.data_dir, setup.device, compile=False)
+    ours.eager(0)
+    start = time.perf_counter()
+    rows, per_step = profile_step.breakdown(ours.eager, ours.raw_model, ours.loader, setup.device, steps=3, first=1)
+    took = time.perf_counter() - start
+    names = [name for name, _, _ in rows]
+    assert names == ["attention", "matmul qkv", "matmul attn out", "matmul mlp", "matmul lm_head", "loss", "optimizer",
+                     "data", "host / idle", "other"]
+    shares = {name: share for name, _, share in rows}
+    assert all(share > 0 for share in shares.values()), shares  # each label found its work, forward and backward
+    assert sum(shares.values()) == pytest.approx(1, abs=0.05), shares  # the rows against the clock around the steps
+    assert 4 * per_step < took  # the warmup step and 3 measured ones
+    real = shares["attention"] + shares["loss"] + sum(v for k, v in shares.items() if k.startswith("matmul"))
+    assert real > 0.15, shares
+    # the labels are gone after: no hook left on any module, the loader's own next_batch back
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in ours.raw_model.modules())
+    assert "next_batch" not in vars(ours.loader)
+    table = profile_step.format_breakdown(rows, per_step, setup.device).splitlines()
+    assert len(table) == 2 + len(rows) + 1 and table[-1].split()[0] == "total"
+
+
+def test_the_speed_check_on_a_cpu_gives_the_ratio_without_a_verdict(setup, capsys):
+    precision = torch.get_float32_matmul_precision()
+    verdict, status = gpu_check.run_checks(setup, ["speed"])
+    lines = capsys.readouterr().out.splitlines()
+    assert verdict == "PASS" and status == {"speed": "SKIP"}, lines
+    assert lines[0].startswith("where our step's time goes") and [line.split()[0] for line in lines[2:12]] == [
+        "attention", "matmul", "matmul", "matmul", "matmul", "loss", "optimizer", "data", "host", "other"]
+    line = next(line for line in lines if line.startswith("SKIP speed"))
+    assert "ours / baseline" in line and "medians of 50 steps each, in turn" in line
+    assert line.endswith("ratio only: the CPU is not the target")
+    assert torch.get_float32_matmul_precision() == precision  # the baseline's TF32 setting did not outlive the check

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 # what a command may import; every other .py at the top and in bench/, and every notebook, is a command. gpt2.py is
 # the trainer and the library both: everything imports it, and it imports only the floors below it (cli, muon, faults, plot)
-FLOORS = {"cli.py", "gpt2.py", "muon.py", "faults.py", "plot.py", "offline.py", "bench/machine.py"}
+FLOORS = {"cli.py", "gpt2.py", "muon.py", "faults.py", "plot.py", "offline.py", "bench/machine.py", "bench/profile_step.py"}
 
 
 def script_source(path):
