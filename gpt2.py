@@ -1118,8 +1118,10 @@ def free_memory(device, local_world_size=1, root="/"):
 # acts, and memory.high, above which it throttles the group's allocations and reclaims its memory hard. Most tools read
 # memory.max alone; we take the lower of the two, because a training step's tensors cannot be reclaimed (no swap, or
 # swapping them is no better), so a run sized past memory.high is not stopped but crawls. v1 has one limit.
-CGROUP_FILES = {"cgroup2": (("memory.max", "memory.high"), "memory.current"),
-                "cgroup": (("memory.limit_in_bytes",), "memory.usage_in_bytes")}
+# The usage counts the page cache too, which the kernel drops before it kills: the inactive file pages in memory.stat
+# are left out, as Kubernetes and docker stats count a container's working set.
+CGROUP_FILES = {"cgroup2": (("memory.max", "memory.high"), "memory.current", "inactive_file"),
+                "cgroup": (("memory.limit_in_bytes",), "memory.usage_in_bytes", "total_inactive_file")}
 
 
 def read_text(path):
@@ -1179,15 +1181,17 @@ def cgroup_dirs(root="/"):
 
 
 def memory_limits(root="/"):
-    """[(dir, limit, usage)] in bytes for each memory cgroup holding this process (cgroup_dirs) that sets a limit; a
-    file that is missing, unreadable or garbled counts as no limit there."""
+    """[(dir, limit, usage)] in bytes for each memory cgroup holding this process (cgroup_dirs) that sets a limit, the
+    usage less the inactive page cache; a file that is missing, unreadable or garbled counts as no limit there (and
+    as no page cache, in memory.stat)."""
     found = []
     for fs, d in cgroup_dirs(root):
-        limit_names, usage_name = CGROUP_FILES[fs]
+        limit_names, usage_name, cache_name = CGROUP_FILES[fs]
         limit = min((n for n in (read_bytes(os.path.join(d, name)) for name in limit_names) if n is not None), default=None)
         usage = read_bytes(os.path.join(d, usage_name))
+        cache = re.search(rf"^{cache_name} (\d+)$", read_text(os.path.join(d, "memory.stat")) or "", re.M)
         if limit is not None and usage is not None:
-            found.append((d, limit, usage))
+            found.append((d, limit, max(0, usage - (int(cache[1]) if cache else 0))))
     return found
 
 

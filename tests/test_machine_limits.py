@@ -254,3 +254,20 @@ def test_page_locked_copies_on_the_gpu_come_back_exactly_and_lock_again_after_fr
         torch.cuda.synchronize()
         assert all(torch.equal(copy, t.cpu()) for copy, t in zip(copies, live, strict=True))
         del buffer, copies
+
+
+@pytest.mark.parametrize("fs", ["v1", "v2"])
+def test_the_inactive_page_cache_is_not_counted_as_used(tmp_path, fs):
+    # the kernel drops inactive file pages before it kills: a cgroup that read a large file is not full
+    stat = "cache 1073741824\n{name} 805306368\nactive_file 268435456\n"
+    if fs == "v1":
+        job = "/sys/fs/cgroup/memory/job"
+        root = machine(tmp_path, "4:memory:/job\n0::/\n", V1_MOUNT,
+                       {f"{job}/memory.limit_in_bytes": 4 * GiB, f"{job}/memory.usage_in_bytes": 2 * GiB,
+                        f"{job}/memory.stat": stat.format(name="total_inactive_file").strip()})
+    else:
+        job = "/sys/fs/cgroup/job"
+        root = machine(tmp_path, "0::/job\n", V2_MOUNT.format(root="/"),
+                       {f"{job}/memory.max": 4 * GiB, f"{job}/memory.current": 2 * GiB,
+                        f"{job}/memory.stat": stat.format(name="inactive_file").strip()})
+    assert gpt2.free_memory(CPU, root=root) == 4 * GiB - (2 * GiB - 768 * 2**20)
