@@ -18,6 +18,7 @@ Imports nothing but cli and the standard library: gpt2.py imports this module, n
 import json
 import os
 import signal
+import threading
 import time
 
 from cli import UserError
@@ -116,6 +117,8 @@ class StopRequest:
 
     def __init__(self, signals=STOP_SIGNALS):
         self.received = []  # the names of the signals, in order
+        if threading.current_thread() is not threading.main_thread():
+            signals = ()  # Python runs handlers in the main thread only, and refuses them elsewhere: the defaults stay
         self.previous = {s: signal.signal(s, self._note) for s in signals}
 
     def _note(self, signum, frame):

@@ -340,3 +340,13 @@ def test_stop_request_notes_signals_and_puts_the_handlers_back():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_request_outside_the_main_thread_leaves_the_handlers_alone():
+    import threading
+
+    before, made = signal.getsignal(signal.SIGTERM), []
+    thread = threading.Thread(target=lambda: made.append(faults.StopRequest()))  # signal.signal would raise there
+    thread.start()
+    thread.join()
+    assert made and made[0].previous == {} and signal.getsignal(signal.SIGTERM) is before
