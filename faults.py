@@ -27,9 +27,11 @@ OOM_FILE = "oom.json"
 PREEMPTED = 75  # the exit status of a preempted run: sysexits' EX_TEMPFAIL, "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # spot instances and SLURM's time limit; SLURM's --signal=USR1@N
 
-# the settings that decide a micro batch's memory: a failure recorded under others says nothing about this run
+# the settings that decide a micro batch's memory: a failure recorded under others says nothing about this run. Not the
+# loss or activation checkpointing, which --micro_batch_size=auto may turn on by itself: a record made with them (so
+# with less memory per sequence) still bounds a run that starts without them, a little more than it must
 MEMORY_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "total_batch_size", "dtype", "fsdp",
-               "activation_checkpointing", "loss_impl", "optimizer", "compile")
+               "optimizer", "compile")
 
 
 def smaller_micro_batch(per_rank, micro_batch_size):
