@@ -1,4 +1,5 @@
-"""Shared test setup: offline tokenizer files, the repo on sys.path, tiny shards and a runner for gpt2.py."""
+"""Shared test setup: offline tokenizer files, the repo on sys.path, tiny shards and a runner for gpt2.py (in a fresh
+process, on torchrun's ranks, or in the test's own process)."""
 
 import base64
 import hashlib
@@ -99,28 +100,78 @@ def write_shards(data_dir, sizes, split, vocab_size=128, seed=0, start_index=0):
     return shards
 
 
-@pytest.fixture
-def shards(tmp_path):
-    """A data_dir with one val shard and three train shards of uneven lengths."""
-    data_dir = str(tmp_path / "data")
+def write_test_shards(data_dir):
+    """One val shard and three train shards of uneven lengths in data_dir, the same tokens every time; returns it."""
     write_shards(data_dir, [3000], "val", seed=1)
     write_shards(data_dir, [5000, 777, 4321], "train", seed=2, start_index=1)
     return data_dir
 
 
-def run_gpt2(*args, torchrun_ranks=0, check=True, timeout=600):
-    """Runs gpt2.py in a fresh process (under torchrun with N ranks if asked); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if torchrun_ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_ranks}"]
-    else:
-        cmd = [sys.executable]
+@pytest.fixture
+def shards(tmp_path):
+    """A data_dir of write_test_shards'."""
+    return write_test_shards(str(tmp_path / "data"))
+
+
+def run_gpt2(*args, torchrun_ranks=0, check=True, timeout=600, in_process=False):
+    """Runs gpt2.py in a fresh process (under torchrun with N ranks if asked); returns the CompletedProcess.
+
+    in_process=True runs the same command line in this process instead (gpt2_here): the same numbers, seconds cheaper.
+    What only a fresh process shows (the interpreter's start, a stderr that nothing in Python wrote) needs one."""
     # a test's own settings replace TINY's: gpt2.py refuses a setting given twice with two values
-    proc = subprocess.run(cmd + [os.path.join(ROOT, "gpt2.py"), *merge_settings(args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+    argv = merge_settings(args)
+    if in_process:
+        assert not torchrun_ranks, "ranks need torchrun's processes"
+        proc = gpt2_here(argv)
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        if torchrun_ranks:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_ranks}"]
+        else:
+            cmd = [sys.executable]
+        proc = subprocess.run(cmd + [os.path.join(ROOT, "gpt2.py"), *argv], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"gpt2.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def gpt2_here(argv):
+    """`python gpt2.py ARGV` in this process: cli.run_cli on gpt2.main, as gpt2.py's last line calls it, with one torch
+    thread (run_gpt2's OMP_NUM_THREADS=1), in the repo's directory. A run seeds every generator it draws from and puts
+    back the signal handlers it sets, so it leaves nothing behind for the next. Returns a CompletedProcess: what it
+    printed, the warnings a fresh process would print (Python's default filters), and the status sys.exit gave.
+    A fresh process pays seconds of imports (torch, matplotlib, tiktoken's tables) that this one has paid once."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    import gpt2
+    from cli import run_cli
+
+    assert not dist.is_initialized(), "a process group left by another test would make this run a rank of it"
+    out, err = io.StringIO(), io.StringIO()
+    threads, cwd, status = torch.get_num_threads(), os.getcwd(), 0
+    try:
+        torch.set_num_threads(1)
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # pytest's filters out, Python's defaults in
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category, append=True)
+            warnings.simplefilter("default", append=True)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            run_cli(gpt2.main, gpt2.Config(), argv)
+    except SystemExit as e:
+        status = 0 if e.code is None else e.code
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["gpt2.py", *argv], status, out.getvalue(), err.getvalue())
 
 
 def read_log(log_dir):

@@ -73,7 +73,7 @@ def test_auto_needs_a_step_that_whole_sequences_divide():
 
 @pytest.mark.parametrize("value", ["0", "-2", "big"])
 def test_bad_micro_batch_sizes_are_one_line_errors(value):
-    proc = run_gpt2(f"--micro_batch_size={value}", check=False)
+    proc = run_gpt2(f"--micro_batch_size={value}", check=False, in_process=True)
     assert proc.returncode == 1
     assert proc.stderr == f"error: --micro_batch_size={value}: expected auto or a number >= 1, e.g. --micro_batch_size=auto\n"
 
@@ -126,7 +126,7 @@ def test_an_out_of_memory_step_halves_the_micro_batch_and_equals_a_run_started_t
     proc = run_faulty(tmp_path, 2, 0, *common, f"--log_dir={faulty_dir}", "--micro_batch_size=8")
     assert proc.stdout.count("out of memory at micro_batch_size=8: the step again with 4 (2 micro-steps)") == 1
     assert proc.stdout.count("out of memory at micro_batch_size=4: the step again with 2 (4 micro-steps)") == 1
-    run_gpt2(*TINY_ANY_BATCH, *common, f"--log_dir={plain_dir}", "--micro_batch_size=2")
+    run_gpt2(*TINY_ANY_BATCH, *common, f"--log_dir={plain_dir}", "--micro_batch_size=2", in_process=True)
     ours, theirs = train_losses(faulty_dir), train_losses(plain_dir)
     assert sorted(ours) == list(range(6))
     for step in ours:

@@ -137,7 +137,7 @@ def test_fsdp_bf16_mixed_precision_equals_a_bf16_model(shards, tmp_path):
 def test_fsdp_compiled_blocks_log_the_losses_of_eager(shards, tmp_path):
     common = [*TINY, f"--data_dir={shards}", "--max_steps=3", "--val_every=0"]
     eager = tmp_path / "eager"
-    run_gpt2(*common, f"--log_dir={eager}")  # one eager process: FSDP equals it to 1e-5 (test_fsdp.py)
+    run_gpt2(*common, f"--log_dir={eager}", in_process=True)  # one eager process: FSDP equals it to 1e-5 (test_fsdp.py)
     for extra in ([], ["--activation_checkpointing=1"]):
         compiled = tmp_path / f"compiled{len(extra)}"
         run_gpt2(*[a for a in common if a != "--compile=0"], "--compile=1", *extra, f"--log_dir={compiled}", "--fsdp=1",

@@ -134,7 +134,8 @@ def test_state_dict_restores_both_optimizers_exactly():
 def train(shards, log_dir, *extra, ranks=0, check=True):
     args = [*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--warmup_steps=2", "--max_steps=6",
             "--val_every=3", "--val_tokens=128", "--checkpoint_every=3", "--max_lr=3e-3", "--optimizer=muon", *extra]
-    return run_gpt2(*args, torchrun_ranks=ranks, check=check)
+    # one process: gpt2.py's command line run in this one (conftest.gpt2_here), seconds cheaper than a fresh process
+    return run_gpt2(*args, torchrun_ranks=ranks, check=check, in_process=not ranks)
 
 
 def test_resume_is_bit_identical_and_switching_optimizer_is_refused(shards, tmp_path):

@@ -209,7 +209,9 @@ RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_s
 
 
 def run(shards, log_dir, *extra, ranks=0):
-    return run_gpt2(*RUN, f"--data_dir={shards}", f"--log_dir={log_dir}", *extra, torchrun_ranks=ranks).stdout
+    """gpt2.py on `ranks` torchrun ranks; with none, through its command line in this process (conftest.gpt2_here)."""
+    return run_gpt2(*RUN, f"--data_dir={shards}", f"--log_dir={log_dir}", *extra, torchrun_ranks=ranks,
+                    in_process=not ranks).stdout
 
 
 def checkpoint(log_dir, step=30):

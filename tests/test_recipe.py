@@ -200,7 +200,7 @@ def test_bad_recipe_settings_are_one_line_errors(shards, tmp_path):
     gpt2.check_config(Config(lr_schedule="wsd", warmdown_steps=18358))  # 715 + 18358 = 19073: fits exactly
     log_dir = tmp_path / "log"
     proc = run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--lr_schedule=wsd", "--max_steps=10",
-                    "--warmup_steps=5", "--warmdown_steps=6", check=False)
+                    "--warmup_steps=5", "--warmdown_steps=6", check=False, in_process=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["error: --warmdown_steps=6 and --warmup_steps=5 are longer than the run "
                                                 "(--max_steps=10): lower them or raise max_steps"]
@@ -217,11 +217,11 @@ def test_shuffled_wsd_run_resumes_bit_identically_and_logs_the_lr_it_used(tmp_pa
     common = [*TINY, f"--data_dir={data}", "--shuffle=1", "--lr_schedule=wsd", "--warmup_steps=2", "--warmdown_steps=3",
               "--max_lr=3e-3", "--min_lr=3e-4", "--val_every=3", "--val_tokens=100", "--checkpoint_every=3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = run_gpt2(*common, f"--log_dir={straight}", "--max_steps=6").stdout
+    out = run_gpt2(*common, f"--log_dir={straight}", "--max_steps=6", in_process=True).stdout
     resumed.mkdir()  # as if stopped after the step-3 checkpoint, mid-epoch (384 of 511 tokens)
     for name in ("model_00003.pt", "log.txt"):
         shutil.copy(straight / name, resumed / name)
-    run_gpt2(*common, f"--log_dir={resumed}", "--max_steps=6", "--init_from=resume")
+    run_gpt2(*common, f"--log_dir={resumed}", "--max_steps=6", "--init_from=resume", in_process=True)
     with open(straight / "log.txt") as a, open(resumed / "log.txt") as b:
         assert a.read() == b.read()
     a, b = (gpt2.load_checkpoint(str(d / "model_00006.pt")) for d in (straight, resumed))

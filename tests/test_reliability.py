@@ -1,4 +1,9 @@
-"""Crash consistency, fault tolerance under torchrun, non-finite losses and the bad-input catalogue of gpt2.py."""
+"""Crash consistency, fault tolerance under torchrun, non-finite losses and the bad-input catalogue of gpt2.py.
+
+The runs that are killed are real processes; the others go through gpt2.py's command line in the test process
+(conftest.gpt2_here), which gives the same numbers bit for bit, seconds cheaper. One error and --debug's traceback are
+checked on a real process's stderr.
+"""
 
 import os
 import pickle
@@ -14,9 +19,10 @@ from conftest import ROOT, TINY, read_log, run_gpt2, write_shards
 from cli import merge_settings
 from gpt2 import list_checkpoints
 
-# the crash runs use a bigger vocabulary, so that writing a checkpoint takes long enough to be caught doing it
+# the crash runs use a bigger vocabulary, so that writing a checkpoint takes long enough to be caught doing it. 30
+# steps: the run gets to step 8 between the kills below (at most 6 steps each), the rest is left for the run that finishes
 CRASH = [a for a in TINY if not a.startswith("--vocab_size")] + [
-    "--vocab_size=50304", "--max_steps=80", "--val_every=4", "--val_tokens=128", "--checkpoint_every=2",
+    "--vocab_size=50304", "--max_steps=30", "--val_every=4", "--val_tokens=128", "--checkpoint_every=2",
     "--keep_checkpoints=2", "--warmup_steps=3", "--total_batch_size=128", "--max_lr=3e-3"]
 
 
@@ -64,7 +70,7 @@ def logged_step(log_dir):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_during_checkpoint_writes(big_vocab_shards, tmp_path):
     straight = tmp_path / "straight"
-    run_gpt2(*CRASH, f"--data_dir={big_vocab_shards}", f"--log_dir={straight}")
+    run_gpt2(*CRASH, f"--data_dir={big_vocab_shards}", f"--log_dir={straight}", in_process=True)
 
     crashed = tmp_path / "crashed"
     args = [*CRASH, f"--data_dir={big_vocab_shards}", f"--log_dir={crashed}", "--init_from=resume"]
@@ -93,7 +99,7 @@ def test_sigkill_at_random_moments_and_during_checkpoint_writes(big_vocab_shards
             break
         kills += 1
     assert kills >= 6 and during_write >= 3, (kills, during_write)
-    run_gpt2(*args)  # finish whatever is left
+    run_gpt2(*args, in_process=True)  # finish whatever is left
     assert read_log(crashed) == read_log(straight)
     with open(straight / "log.txt") as a, open(crashed / "log.txt") as b:
         assert a.read() == b.read()
@@ -148,8 +154,8 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes(shards, tmp_path)
     assert read_log(restarted) == read_log(straight)
 
 
-def one_line_error(*args):
-    proc = run_gpt2(*args, check=False)
+def one_line_error(*args, in_process=True):
+    proc = run_gpt2(*args, check=False, in_process=in_process)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -163,7 +169,7 @@ def snapshot(directory):
 
 def trained(shards, log_dir, *extra):
     run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=3", "--val_every=0",
-             "--checkpoint_every=3", *extra)
+             "--checkpoint_every=3", *extra, in_process=True)
     return snapshot(log_dir)
 
 
@@ -172,12 +178,12 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards,
     # a learning rate this large makes the first update overflow the next forward pass
     args = [*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=5", "--val_every=0",
             "--checkpoint_every=1", "--warmup_steps=1", "--max_lr=1e30"]
-    err = one_line_error(*args)
+    err = one_line_error(*args, in_process=False)  # a real process: the one line a shell sees after training began
     assert "step 1: loss nan" in err and "--skip_nonfinite=1" in err
     assert [s for s, _ in list_checkpoints(log_dir)] == [1]
     assert read_log(log_dir) == {(0, "train"): pytest.approx(read_log(log_dir)[(0, "train")])}
     # skipping instead: the run ends, and no step after the bad one changes the weights
-    out = run_gpt2(*args, "--skip_nonfinite=1", "--init_from=resume").stdout
+    out = run_gpt2(*args, "--skip_nonfinite=1", "--init_from=resume", in_process=True).stdout
     assert "non-finite, step skipped" in out
     assert [s for s, _ in list_checkpoints(log_dir)][-1] == 5
 

@@ -14,8 +14,8 @@ STEP = re.compile(r"^step +(\d+)/(\d+) \((\d+\.\d)%\) \| loss [\d.]+ \| .* \| el
 def test_the_step_line_gives_the_step_of_the_total_the_share_done_elapsed_and_eta(shards, tmp_path):
     args = [*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path}", "--max_steps=8", "--val_every=3",
             "--val_tokens=128", "--checkpoint_every=4"]
-    first = run_gpt2(*args, "--max_steps=4").stdout  # then resumed to 8: the count goes on from the checkpoint
-    second = run_gpt2(*args, "--init_from=resume").stdout
+    first = run_gpt2(*args, "--max_steps=4", in_process=True).stdout  # then resumed to 8: the count goes on from the checkpoint
+    second = run_gpt2(*args, "--init_from=resume", in_process=True).stdout
     for out, steps in ((first, range(4)), (second, range(4, 8))):
         lines = [line for line in out.splitlines() if STEP.match(line)]
         assert [int(STEP.match(line)[1]) for line in lines] == list(steps), out

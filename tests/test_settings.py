@@ -178,14 +178,12 @@ class RunsCode:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A log_dir with model_00002.pt and model_00004.pt of a tiny run, and its shards."""
-    from conftest import write_shards
+    from conftest import write_test_shards
 
     root = tmp_path_factory.mktemp("trained")
-    data_dir = str(root / "data")
-    write_shards(data_dir, [3000], "val", seed=1)
-    write_shards(data_dir, [5000, 777, 4321], "train", seed=2, start_index=1)
+    data_dir = write_test_shards(str(root / "data"))
     run_gpt2(*TINY, f"--data_dir={data_dir}", f"--log_dir={root / 'log'}", "--max_steps=4", "--checkpoint_every=2",
-             "--val_every=2", "--val_tokens=64", "--warmup_steps=2")
+             "--val_every=2", "--val_tokens=64", "--warmup_steps=2", in_process=True)
     return data_dir, root / "log"
 
 
@@ -228,11 +226,11 @@ def test_resume_skips_a_corrupt_newest_checkpoint(trained, tmp_path):
     newest.write_bytes(corrupt)
     args = [*TINY, f"--data_dir={data_dir}", f"--log_dir={resumed}", "--max_steps=4", "--checkpoint_every=2",
             "--init_from=resume"]
-    out = run_gpt2(*args).stdout
+    out = run_gpt2(*args, in_process=True).stdout
     assert "warning: skipping" in out and "model_00004.pt" in out and "resuming from" in out and "model_00002.pt" in out
     assert (resumed / "model_00004.pt.unreadable").read_bytes() == corrupt  # kept for a look, under another name
     assert read_log(resumed) == read_log(log_dir)  # steps 2 and 3 again, as the uninterrupted run took them
-    out = run_gpt2(*args).stdout  # and the next resume takes the new model_00004.pt, skipping nothing
+    out = run_gpt2(*args, in_process=True).stdout  # and the next resume takes the new model_00004.pt, skipping nothing
     assert "skipping" not in out and "model_00004.pt (step 4)" in out
 
 
@@ -267,7 +265,7 @@ def test_only_checkpoint_unreadable_stops_and_changes_nothing(trained, tmp_path)
     (resumed / "model_00002.pt").write_bytes(os.urandom(3000))
     before = {n: (resumed / n).read_bytes() for n in os.listdir(resumed)}
     err = one_line_error(run_gpt2(*TINY, f"--data_dir={data_dir}", f"--log_dir={resumed}", "--init_from=resume",
-                                  check=False))
+                                  check=False, in_process=True))
     assert "cannot load checkpoint" in err and "model_00002.pt" in err
     assert {n: (resumed / n).read_bytes() for n in os.listdir(resumed)} == before
 

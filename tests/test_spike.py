@@ -3,6 +3,7 @@
 The bad data is a region of random token ids inside a learnable stream (each token 7 x the one before plus 0-3, mod 64,
 so a tiny model's loss falls towards ln 4 while random ids cost it several nats each). The runs are compared with runs
 on the same stream without the region, with runs told the skipped range from the start, and with two gloo ranks.
+Single-process runs go through gpt2.py's command line in the test process (conftest.gpt2_here); ranks under torchrun.
 """
 
 import math
@@ -46,6 +47,10 @@ def write_data(data_dir, bad):
     return str(data_dir)
 
 
+def run_here(*args, check=True):
+    return run_gpt2(*args, check=check, in_process=True)
+
+
 def kept(log_dir):
     """plot.read_log's kept run as {(step, kind): value}, the rollbacks left out."""
     series = plot.read_log(os.path.join(log_dir, "log.txt"))
@@ -54,14 +59,21 @@ def kept(log_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def streams(tmp_path_factory):
+    """{"clean": data_dir, "bad": data_dir}: the stream without and with the bad region."""
+    tmp = tmp_path_factory.mktemp("streams")
+    return {"clean": write_data(tmp / "clean", False), "bad": write_data(tmp / "bad", True)}
+
+
+@pytest.fixture(scope="module")
+def runs(streams, tmp_path_factory):
     """The same model on the clean stream and on the stream with the bad region: with the guard, and without it."""
     tmp = tmp_path_factory.mktemp("spike")
-    clean, bad = write_data(tmp / "clean", False), write_data(tmp / "bad", True)
+    clean, bad = streams["clean"], streams["bad"]
     out = {"tmp": tmp, "bad": bad}
-    out["clean_stdout"] = run_gpt2(*RUN, *GUARD, f"--data_dir={clean}", f"--log_dir={tmp / 'clean_log'}").stdout
-    run_gpt2(*RUN, f"--data_dir={bad}", f"--log_dir={tmp / 'unguarded'}", "--checkpoint_every=0")  # no val either
-    out["stdout"] = run_gpt2(*RUN, *GUARD, f"--data_dir={bad}", f"--log_dir={tmp / 'guarded'}").stdout
+    out["clean_stdout"] = run_here(*RUN, *GUARD, f"--data_dir={clean}", f"--log_dir={tmp / 'clean_log'}").stdout
+    run_here(*RUN, f"--data_dir={bad}", f"--log_dir={tmp / 'unguarded'}", "--checkpoint_every=0")  # no val either
+    out["stdout"] = run_here(*RUN, *GUARD, f"--data_dir={bad}", f"--log_dir={tmp / 'guarded'}").stdout
     return out
 
 
@@ -155,7 +167,7 @@ def test_bad_data_rolls_the_run_back_and_is_skipped(runs):
 def test_the_same_ranges_skipped_from_the_start_give_the_same_run(runs):
     start, end = skipped_range(runs["stdout"])
     given = runs["tmp"] / "given"
-    run_gpt2(*RUN, f"--data_dir={runs['bad']}", f"--log_dir={given}", f"--skip_tokens={start}-{end}")
+    run_here(*RUN, f"--data_dir={runs['bad']}", f"--log_dir={given}", f"--skip_tokens={start}-{end}")
     guarded = kept(runs["tmp"] / "guarded")
     assert kept(given) == {k: v for k, v in guarded.items() if k[1] == "train"}  # to 6 decimals; the weights bit for bit:
     a, b = (gpt2.load_checkpoint(str(d / "model_00120.pt")) for d in (given, runs["tmp"] / "guarded"))
@@ -170,7 +182,7 @@ def test_a_run_killed_after_a_rollback_resumes_to_the_same_losses(runs, kept_che
     for step in (50, 100, 120):
         if step > kept_checkpoint:  # as if killed after the rollback, before these were written
             os.remove(killed / f"model_{step:05d}.pt")
-    out = run_gpt2(*RUN, *GUARD, f"--data_dir={runs['bad']}", f"--log_dir={killed}", "--init_from=resume").stdout
+    out = run_here(*RUN, *GUARD, f"--data_dir={runs['bad']}", f"--log_dir={killed}", "--init_from=resume").stdout
     assert f"model_{kept_checkpoint:05d}.pt" in out
     with open(guarded / "log.txt") as a, open(killed / "log.txt") as b:
         assert a.read() == b.read()  # the discarded steps, the rollback and the kept run, bit for bit
@@ -196,17 +208,17 @@ def test_two_ranks_roll_back_and_skip_as_one_process(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_muon_rolls_back_to_the_run_told_the_range(runs):
+def test_fsdp_muon_rolls_back_to_the_run_told_the_range(streams, tmp_path):
     # Muon's momentum under FSDP lives in ShardedMuon's sharded state: the rollback must put it back, or the run after
     # it would differ from one that skipped the same tokens from the start
-    tmp, muon = runs["tmp"], ["--optimizer=muon", "--fsdp=1", "--micro_batch_size=4", "--checkpoint_every=0"]
-    out = run_gpt2(*RUN, *GUARD, *muon, f"--data_dir={runs['bad']}", f"--log_dir={tmp / 'muon_guarded'}",
+    muon = ["--optimizer=muon", "--fsdp=1", "--micro_batch_size=4", "--checkpoint_every=0"]
+    out = run_gpt2(*RUN, *GUARD, *muon, f"--data_dir={streams['bad']}", f"--log_dir={tmp_path / 'muon_guarded'}",
                    torchrun_ranks=2).stdout
     start, end = skipped_range(out)
     assert start <= BAD_START and BAD_START + BAD_LEN <= end
-    run_gpt2(*RUN, *muon, f"--data_dir={runs['bad']}", f"--log_dir={tmp / 'muon_given'}", f"--skip_tokens={start}-{end}",
-             "--val_every=60", torchrun_ranks=2)
-    guarded, given = kept(tmp / "muon_guarded"), kept(tmp / "muon_given")
+    run_gpt2(*RUN, *muon, f"--data_dir={streams['bad']}", f"--log_dir={tmp_path / 'muon_given'}",
+             f"--skip_tokens={start}-{end}", "--val_every=60", torchrun_ranks=2)
+    guarded, given = kept(tmp_path / "muon_guarded"), kept(tmp_path / "muon_given")
     assert guarded.keys() == given.keys() and sorted(s for s, kind in given if kind == "train") == list(range(120))
     assert all(guarded[k] == pytest.approx(given[k], abs=1e-6) for k in given), [
         (k, guarded[k], given[k]) for k in sorted(given) if guarded[k] != pytest.approx(given[k], abs=1e-6)][:3]
@@ -216,16 +228,16 @@ def test_fsdp_muon_rolls_back_to_the_run_told_the_range(runs):
 
 
 def one_line_error(*args):
-    proc = run_gpt2(*args, check=False)
+    proc = run_here(*args, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     return proc.stdout, lines[0]
 
 
-def test_spike_after_spike_stops_the_run_and_keeps_the_last_checkpoint(runs, tmp_path):
+def test_spike_after_spike_stops_the_run_and_keeps_the_last_checkpoint(streams, tmp_path):
     # a learning rate this large makes every step after the first one NaN: diverging, whatever data is skipped
-    stdout, err = one_line_error(*RUN, *GUARD, f"--data_dir={runs['bad']}", f"--log_dir={tmp_path}", "--max_lr=1e30",
+    stdout, err = one_line_error(*RUN, *GUARD, f"--data_dir={streams['bad']}", f"--log_dir={tmp_path}", "--max_lr=1e30",
                                  "--checkpoint_every=1", "--spike_max_rollbacks=2", "--val_every=0")
     assert "loss nan not finite, a spike after 2 rollbacks within 1000 steps (--spike_max_rollbacks=2)" in err
     assert "diverging, not meeting bad data" in err and "last checkpoint" in err
@@ -234,7 +246,7 @@ def test_spike_after_spike_stops_the_run_and_keeps_the_last_checkpoint(runs, tmp
     assert all(torch.isfinite(t).all() for t in gpt2.load_checkpoint(str(tmp_path / "model_00001.pt"))["model"].values())
 
 
-def test_bad_spike_settings(runs):
+def test_bad_spike_settings(streams):
     for args in ("--spike_window=0", "--spike_window=-5", "--spike_k=0", "--spike_k=-1", "--spike_patience=0",
                  "--spike_guard=1 --mode=sample", "--skip_tokens=9-3", "--skip_tokens=1-2,x"):
         cfg = gpt2.Config()
@@ -242,17 +254,17 @@ def test_bad_spike_settings(runs):
         with pytest.raises(cli.UserError, match=args.split()[0].split("=")[0].removeprefix("--")):
             gpt2.check_config(cfg)
     cfg = gpt2.Config(total_batch_size=STEP, spike_skip_steps=1000)
-    loader = gpt2.DataLoaderLite(runs["bad"], "train", 8, 32)
+    loader = gpt2.DataLoaderLite(streams["bad"], "train", 8, 32)
     parts = gpt2.StepParts(None, None, None, None, loader, None, 1, 0.0, 0.0, None, None)
     with pytest.raises(cli.UserError, match="--spike_skip_steps=1000 skips 256,000 tokens past a spike, more than the "
                                             "train split's 42,000: pass a smaller one, at most --spike_skip_steps=164"):
         gpt2.SpikeGuard(cfg, gpt2.Dist(0, 0, 1, torch.device("cpu")), parts, 0, None)
 
 
-def test_healthy_runs_never_roll_back(runs):
+def test_healthy_runs_never_roll_back(streams, tmp_path):
     # the clean run (AdamW, cosine) in the fixture; here Muon, WSD and float16 at the default spike test, checked from
     # step 20 on rather than 100; bench/bench_spike.py replays longer and real runs (README)
-    out = run_gpt2(*RUN, *GUARD, "--spike_window=20", "--optimizer=muon", "--lr_schedule=wsd", "--dtype=float16",
-                   "--val_every=0", "--checkpoint_every=0", f"--data_dir={runs['tmp'] / 'clean'}",
-                   f"--log_dir={runs['tmp'] / 'healthy'}").stdout
+    out = run_here(*RUN, *GUARD, "--spike_window=20", "--optimizer=muon", "--lr_schedule=wsd", "--dtype=float16",
+                   "--val_every=0", "--checkpoint_every=0", f"--data_dir={streams['clean']}",
+                   f"--log_dir={tmp_path / 'healthy'}").stdout
     assert "rolled back" not in out and "step    119/120 (100.0%) | loss" in out

@@ -1,12 +1,17 @@
-"""The training script end to end, in real processes: accumulation, torchrun ranks, resume, overrides."""
+"""The training script end to end through its command line: accumulation, torchrun ranks, resume, overrides.
+
+A single-process run goes through gpt2.py's command line inside the test process (conftest.gpt2_here), seconds cheaper
+than a fresh one; ranks run under torchrun, and one bad setting and the compiled run go through a real `python gpt2.py`.
+"""
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_log, run_gpt2, write_shards
+from conftest import TINY, read_log, run_gpt2, write_shards, write_test_shards
 
 from gpt2 import list_checkpoints, load_checkpoint
 
@@ -16,7 +21,17 @@ T = 16  # TINY's block_size
 def train(shards, log_dir, *extra, ranks=0, check=True):
     args = [*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--warmup_steps=2", "--max_steps=6",
             "--val_every=3", "--val_tokens=128", "--checkpoint_every=3", "--max_lr=3e-3", *extra]
-    return run_gpt2(*args, torchrun_ranks=ranks, check=check)
+    return run_gpt2(*args, torchrun_ranks=ranks, check=check, in_process=not ranks)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(shards, log_dir) of one uninterrupted 6-step run, checkpoints at steps 3 and 6: the run that the resume tests
+    must log again, and a log_dir with checkpoints for the tests that refuse one. A test that writes copies it first."""
+    root = tmp_path_factory.mktemp("straight")
+    data_dir = write_test_shards(str(root / "data"))  # the shards fixture's tokens
+    train(data_dir, root / "log")
+    return data_dir, root / "log"
 
 
 def final_weights(log_dir):
@@ -67,20 +82,28 @@ def test_gradient_accumulation_equals_the_big_batch(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_accumulation(shards, tmp_path):
-    one = tmp_path / "one"
-    two = tmp_path / "two"
-    train(shards, one, "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_tokens=150")
-    train(shards, two, "--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_tokens=150", ranks=2)
+def test_two_ranks_equal_one_process_with_accumulation_and_their_checkpoint_resumes_on_one(shards, tmp_path):
+    one, two, moved = tmp_path / "one", tmp_path / "two", tmp_path / "moved"
     # 150 val tokens: 10 sequences (the last of 6 tokens), 5 per rank in 3 micro-batches of 2, the last padded
+    batch = ["--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_tokens=150"]
+    train(shards, one, *batch)  # 2 micro-steps
+    train(shards, two, *batch, ranks=2)  # 1 on each rank
     assert_logs_close(read_log(one), read_log(two), atol=1e-5)
     assert_weights_close(final_weights(one)[1], final_weights(two)[1], atol=1e-5)
 
+    # the two ranks' step-3 checkpoint goes on in one process, as if they had stopped after writing it
+    moved.mkdir()
+    for name in ("model_00003.pt", "log.txt"):
+        shutil.copy(two / name, moved / name)
+    out = train(shards, moved, *batch, "--init_from=resume").stdout
+    assert "written by 2 ranks, now 1" in out
+    assert_logs_close(read_log(one), read_log(moved), atol=1e-5)
+    assert_weights_close(final_weights(one)[1], final_weights(moved)[1], atol=1e-5)
 
-def test_resume_is_bit_identical(shards, tmp_path):
-    straight = tmp_path / "straight"
+
+def test_resume_is_bit_identical(straight, tmp_path):
+    shards, straight = straight
     resumed = tmp_path / "resumed"
-    train(shards, straight)
     train(shards, resumed, "--max_steps=3")  # stops after the step-3 checkpoint...
     out = train(shards, resumed, "--init_from=resume", "--max_steps=6").stdout  # ...and goes on to 6
     assert "resuming from" in out and "model_00003.pt" in out
@@ -93,11 +116,10 @@ def test_resume_is_bit_identical(shards, tmp_path):
     assert ckpt_a["optimizer"]["state"][0]["step"] == ckpt_b["optimizer"]["state"][0]["step"] == 6
 
 
-def test_resume_from_a_checkpoint_path_after_an_interruption(shards, tmp_path):
-    straight = tmp_path / "straight"
-    train(shards, straight)
+def test_resume_from_a_checkpoint_path_after_an_interruption(straight, tmp_path):
+    shards, straight = straight
     interrupted = tmp_path / "interrupted"
-    train(shards, interrupted)
+    shutil.copytree(straight, interrupted)
     # as if killed between the step-3 and step-6 checkpoints: the log has run ahead of the checkpoint
     os.remove(interrupted / "model_00006.pt")
     train(shards, interrupted, f"--init_from={interrupted / 'model_00003.pt'}")
@@ -105,24 +127,11 @@ def test_resume_from_a_checkpoint_path_after_an_interruption(shards, tmp_path):
         assert a.read() == b.read()
 
 
-@pytest.mark.slow
-def test_checkpoint_of_two_ranks_resumes_on_one(shards, tmp_path):
-    batch = ["--micro_batch_size=2", f"--total_batch_size={4 * T}", "--val_every=0"]
-    straight = tmp_path / "straight"
-    train(shards, straight, *batch)
-    moved = tmp_path / "moved"
-    train(shards, moved, *batch, "--max_steps=3", ranks=2)
-    out = train(shards, moved, *batch, "--init_from=resume", "--max_steps=6").stdout
-    assert "written by 2 ranks, now 1" in out
-    assert_logs_close(read_log(straight), read_log(moved), atol=1e-5)
-    assert_weights_close(final_weights(straight)[1], final_weights(moved)[1], atol=1e-5)
-
-
-def test_checkpoint_holds_clean_plain_state(shards, tmp_path):
-    train(shards, tmp_path / "log", "--max_steps=3")
-    ckpt = torch.load(tmp_path / "log" / "model_00003.pt", weights_only=True)
+def test_checkpoint_holds_clean_plain_state(straight):
+    _, log_dir = straight
+    ckpt = torch.load(log_dir / "model_00003.pt", weights_only=True)
     assert ckpt["step"] == 3
-    assert ckpt["config"]["n_layer"] == 2 and ckpt["config"]["max_steps"] == 3
+    assert ckpt["config"]["n_layer"] == 2 and ckpt["config"]["max_steps"] == 6
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["loader"] == {"position": 3 * 2 * 4 * T}  # 3 steps of 2 micro-steps of 4 x T tokens
     assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
@@ -134,8 +143,9 @@ def test_resume_without_checkpoint_starts_from_scratch(shards, tmp_path):
     assert (tmp_path / "log" / "model_00001.pt").exists()
 
 
-def test_scratch_run_refuses_a_log_dir_with_checkpoints(shards, tmp_path):
-    train(shards, tmp_path / "log", "--max_steps=3")
+def test_scratch_run_refuses_a_log_dir_with_checkpoints(straight, tmp_path):
+    shards, straight = straight
+    shutil.copytree(straight, tmp_path / "log")
     before = (tmp_path / "log" / "model_00003.pt").read_bytes()
     proc = train(shards, tmp_path / "log", check=False)
     assert proc.returncode == 1
@@ -143,8 +153,8 @@ def test_scratch_run_refuses_a_log_dir_with_checkpoints(shards, tmp_path):
     assert (tmp_path / "log" / "model_00003.pt").read_bytes() == before
 
 
-def one_line_error(*args):
-    proc = run_gpt2(*args, check=False)
+def one_line_error(*args, in_process=True):
+    proc = run_gpt2(*args, check=False, in_process=in_process)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -152,7 +162,8 @@ def one_line_error(*args):
 
 
 def test_override_errors():
-    err = one_line_error("--n_layers=4")
+    # once in a real process: exit status 1 and this one line is all the shell sees on stderr (no traceback, no warning)
+    err = one_line_error("--n_layers=4", in_process=False)
     assert "unknown setting 'n_layers': did you mean n_layer?" in err
     assert "--max_lr=fast: expected a float" in one_line_error("--max_lr=fast")
     assert "--n_layer=2.5: expected an int" in one_line_error("--n_layer=2.5")
@@ -171,8 +182,9 @@ def test_config_errors(shards, tmp_path):
     assert "no train shards" in one_line_error(*TINY, f"--data_dir={tmp_path}", f"--log_dir={tmp_path / 'log'}")
 
 
-def test_checkpoint_conflicting_with_overrides_is_refused(shards, tmp_path):
-    train(shards, tmp_path / "log", "--max_steps=3")
+def test_checkpoint_conflicting_with_overrides_is_refused(straight, tmp_path):
+    shards, straight = straight
+    shutil.copytree(straight, tmp_path / "log")
     proc = train(shards, tmp_path / "log", "--init_from=resume", "--n_embd=64", check=False)
     assert proc.returncode == 1
     assert "--n_embd=64 conflicts with checkpoint" in proc.stderr and "n_embd=32" in proc.stderr
@@ -192,8 +204,9 @@ def test_compile_keeps_validation_hellaswag_and_sampling_working(tmp_path):
               f"--hellaswag_file={hella}", "--sample_every=1", "--num_samples=2", "--max_new_tokens=4",
               "--checkpoint_every=0", f"--data_dir={data}"]
     outputs = {}
-    for flag in (0, 1):
-        outputs[flag] = run_gpt2(*common, f"--compile={flag}", f"--log_dir={tmp_path / str(flag)}").stdout
+    for flag in (0, 1):  # eager in this process; compiled in a fresh one, where no other test has compiled anything
+        outputs[flag] = run_gpt2(*common, f"--compile={flag}", f"--log_dir={tmp_path / str(flag)}",
+                                 in_process=not flag).stdout
     eager, compiled = read_log(tmp_path / "0"), read_log(tmp_path / "1")
     assert {kind for _, kind in compiled} == {"train", "val", "bpb", "hella"}
     assert_logs_close(compiled, eager, atol=1e-4)
