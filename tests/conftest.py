@@ -182,9 +182,3 @@ def read_log(log_dir):
             step, kind, value = line.split()
             out[(int(step), kind)] = float(value)
     return out
-
-
-def pytest_collection_modifyitems(items):
-    """The slow tests first, in their files' order, then the rest: with -n 2 both workers start on the long runs and
-    the short tests fill in at the end, instead of one worker finishing a long run alone while the other waits."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: the order within each kept

@@ -8,7 +8,6 @@ import os
 import shutil
 
 import nbformat
-import pytest
 import torch
 from conftest import ROOT, read_log
 from nbclient import NotebookClient
@@ -66,7 +65,6 @@ def text_of(nb, needle):
     return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
 
 
-@pytest.mark.slow
 def test_notebook_trains_plots_evaluates_samples_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel and the scripts inherit it; pytest -n 2 runs two tests
     fineweb_edu_parquet(tmp_path / "fineweb-edu.parquet")
