@@ -299,7 +299,7 @@ def test_training_without_the_file_names_its_own_setting(shards, tmp_path, monke
     for args, expected in [([f"--log_dir={tmp_path / 'a'}"], "cannot download "),
                            ([f"--log_dir={tmp_path / 'b'}", f"--hellaswag_file={tmp_path / 'nope.jsonl'}"],
                             f"--hellaswag_file={tmp_path / 'nope.jsonl'} does not exist")]:
-        proc = run_gpt2(*common, *args, check=False)
+        proc = run_gpt2(*common, *args, check=False, in_process=True)
         assert proc.returncode == 1 and proc.stderr.startswith(f"error: {expected}"), proc.stderr
         assert "--hellaswag_file" in proc.stderr and "--data_file" not in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "empty_cache" / "hellaswag_val.jsonl")
@@ -308,7 +308,8 @@ def test_training_without_the_file_names_its_own_setting(shards, tmp_path, monke
 def test_error_during_training_is_one_line(shards, data_file, tmp_path):
     """A UserError raised by HellaSwag inside the training loop reaches gpt2.py's one-line handler: exit 1, no traceback."""
     proc = run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={tmp_path / 'log'}", "--max_steps=2", "--val_every=0",
-                    "--hellaswag_every=1", f"--hellaswag_file={data_file}", check=False)
+                    "--hellaswag_every=1", f"--hellaswag_file={data_file}", check=False,
+                    in_process=True)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: HellaSwag needs GPT-2's tokenizer") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -28,7 +28,7 @@ def train_checkpoint(tmp_path, shards, *args):
     """A two-step TINY training run; returns the checkpoint's path."""
     log_dir = str(tmp_path / "log")
     run_gpt2(*TINY, f"--data_dir={shards}", f"--log_dir={log_dir}", "--total_batch_size=64", "--max_steps=2",
-             "--warmup_steps=1", "--val_every=0", *args)
+             "--warmup_steps=1", "--val_every=0", *args, in_process=True)
     return gpt2.checkpoint_path(log_dir, 2)
 
 
@@ -68,7 +68,8 @@ def test_fine_tuning_starts_from_the_hf_weights(tmp_path, shards):
     hf = save_hf_model(tmp_path / "hf")  # TINY's shape, with 32 positions of which TINY's block_size keeps 16
     log_dir = str(tmp_path / "log")
     proc = run_gpt2(*TINY, f"--init_from={tmp_path / 'hf'}", f"--data_dir={shards}", f"--log_dir={log_dir}",
-                    "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2", "--val_tokens=64")
+                    "--total_batch_size=64", "--max_steps=2", "--warmup_steps=1", "--val_every=2", "--val_tokens=64",
+                    in_process=True)
     assert "fine-tuning" in proc.stdout
     # the first step's loss is transformers' loss on the first batch (random init would give another)
     first = torch.from_numpy(np.load(os.path.join(shards, "edufineweb_train_000001.npy"))[:65].astype(np.int64))
@@ -83,7 +84,7 @@ def test_fine_tuning_starts_from_the_hf_weights(tmp_path, shards):
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, shards):
     path = train_checkpoint(tmp_path, shards, "--vocab_size=50304")
     out = tmp_path / "export"
-    proc = run_gpt2("--mode=export", f"--init_from={path}", f"--export_dir={out}")
+    proc = run_gpt2("--mode=export", f"--init_from={path}", f"--export_dir={out}", in_process=True)
     assert "exported" in proc.stdout
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     assert hf.config.vocab_size == 50257 and hf.config.n_positions == 16

@@ -80,7 +80,7 @@ def test_sample_mode_writes_the_samples_file(tmp_path):
     long_prompt = " ".join(["one two three four five six seven eight nine ten"] * 3)  # 30 tokens
     proc = run_gpt2("--mode=sample", f"--init_from={tmp_path / 'hf'}", f"--prompt={long_prompt}", "--num_samples=3",
                     "--max_new_tokens=8", "--top_k=50", "--temperature=1.0", "--seed=42", f"--samples_file={samples_file}",
-                    "--device=cpu")
+                    "--device=cpu", in_process=True)
     assert "keeping its last 16 tokens" in proc.stdout
     assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("sample ")] == \
         ["sample 0", "sample 1", "sample 2"]
@@ -108,7 +108,7 @@ def test_sample_mode_writes_the_samples_file(tmp_path):
 
 
 def test_sample_mode_errors_are_one_line():
-    proc = run_gpt2("--mode=sample", check=False)
+    proc = run_gpt2("--mode=sample", check=False, in_process=True)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: --mode=sample needs a model")
     assert len(proc.stderr.strip().splitlines()) == 1
     for arg, message in [("--top_k=0", "--top_k=0: must be at least 1"), ("--temperature=0", "must be > 0"),
