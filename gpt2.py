@@ -69,7 +69,18 @@ from cli import (
     one_of,
     run_cli,
 )
-from faults import OOM_FILE, PREEMPTED, StopRequest, fit_below, memory_fingerprint, oom_limit, record_oom, smaller_micro_batch
+from faults import (
+    OOM_FILE,
+    PREEMPTED,
+    StopRequest,
+    fit_below,
+    memory_fingerprint,
+    memory_limits,
+    oom_limit,
+    read_text,
+    record_oom,
+    smaller_micro_batch,
+)
 from muon import MuonAdamW, is_dtensor, step_bytes
 
 # --- config ---
@@ -1112,87 +1123,6 @@ def free_memory(device, local_world_size=1, root="/"):
     if not free:  # neither is known (macOS, Windows): assume a laptop's 8 GB
         free = [8 * 2**30]
     return max(0, min(free)) // local_world_size  # v2's usage may pass memory.high, which throttles rather than stops it
-
-
-# Each memory cgroup's limits and usage. cgroup v2 has two limits: memory.max, above which the kernel's OOM killer
-# acts, and memory.high, above which it throttles the group's allocations and reclaims its memory hard. Most tools read
-# memory.max alone; we take the lower of the two, because a training step's tensors cannot be reclaimed (no swap, or
-# swapping them is no better), so a run sized past memory.high is not stopped but crawls. v1 has one limit.
-# The usage counts the page cache too, which the kernel drops before it kills: the inactive file pages in memory.stat
-# are left out, as Kubernetes and docker stats count a container's working set.
-CGROUP_FILES = {"cgroup2": (("memory.max", "memory.high"), "memory.current", "inactive_file"),
-                "cgroup": (("memory.limit_in_bytes",), "memory.usage_in_bytes", "total_inactive_file")}
-
-
-def read_text(path):
-    """The file's text, or None where it cannot be read (missing, not permitted, not text)."""
-    try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def read_bytes(path):
-    """A cgroup file's number of bytes, or None for no limit: "max" (v2), 2**60 or more (v1 writes 9223372036854771712),
-    or a file that is missing or holds something else."""
-    try:
-        n = int(read_text(path) or "")
-    except ValueError:
-        return None
-    return n if n < 2**60 else None
-
-
-def cgroup_dirs(root="/"):
-    """[(fs, dir)]: the directory of each memory cgroup that holds this process, its own first, then each ancestor up
-    to where its hierarchy is mounted, for cgroup v2 (fs "cgroup2") and v1's memory controller (fs "cgroup"); dir is
-    the path on this machine, each file read under root.
-
-    /proc/self/cgroup names the process's cgroup in each hierarchy ("0::/path" for v2, "N:memory:/path" or
-    "N:memory,xyz:/path" for v1) relative to the hierarchy's root, and /proc/self/mountinfo says where that hierarchy is
-    mounted (field 5) and which of its cgroups the mount shows as its top (field 4). So the process's directory is its
-    path less the mount's root, under the mount point. Inside a container that directory is often not there (a cgroup
-    namespace of its own, or only the container's cgroup mounted): then the mount point is the process's cgroup."""
-    at = lambda path: os.path.join(root, path.lstrip("/"))
-    paths = {}  # fs -> the process's cgroup in that hierarchy
-    for line in (read_text(at("/proc/self/cgroup")) or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] == "0" and not parts[1]:
-            paths["cgroup2"] = parts[2]
-        elif len(parts) == 3 and "memory" in parts[1].split(","):
-            paths["cgroup"] = parts[2]
-    dirs = []
-    for line in (read_text(at("/proc/self/mountinfo")) or "").splitlines():
-        mount, _, fs = line.partition(" - ")  # "id parent major:minor root mount_point options..." - "type source options"
-        mount, fs = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in mount.split()], fs.split()
-        if len(mount) < 5 or len(fs) < 3 or fs[0] not in paths or (fs[0] == "cgroup" and "memory" not in fs[2].split(",")):
-            continue
-        path, mount_root, mount_point = paths[fs[0]], mount[3], os.path.normpath(mount[4])
-        inside = path == mount_root or path.startswith(mount_root.rstrip("/") + "/")
-        d = os.path.normpath(os.path.join(mount_point, os.path.relpath(path, mount_root))) if inside else mount_point
-        if os.path.commonpath([d, mount_point]) != mount_point or not os.path.isdir(at(d)):
-            d = mount_point
-        while True:
-            dirs.append((fs[0], at(d)))
-            if d == mount_point:
-                break
-            d = os.path.dirname(d)
-    return dirs
-
-
-def memory_limits(root="/"):
-    """[(dir, limit, usage)] in bytes for each memory cgroup holding this process (cgroup_dirs) that sets a limit, the
-    usage less the inactive page cache; a file that is missing, unreadable or garbled counts as no limit there (and
-    as no page cache, in memory.stat)."""
-    found = []
-    for fs, d in cgroup_dirs(root):
-        limit_names, usage_name, cache_name = CGROUP_FILES[fs]
-        limit = min((n for n in (read_bytes(os.path.join(d, name)) for name in limit_names) if n is not None), default=None)
-        usage = read_bytes(os.path.join(d, usage_name))
-        cache = re.search(rf"^{cache_name} (\d+)$", read_text(os.path.join(d, "memory.stat")) or "", re.M)
-        if limit is not None and usage is not None:
-            found.append((d, limit, max(0, usage - (int(cache[1]) if cache else 0))))
-    return found
 
 
 def usable_memory(free):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cli
+import faults
 import gpt2
 
 GiB = 2**30
@@ -52,7 +53,7 @@ def test_a_v1_limit_is_the_limit_less_the_usage_and_the_ranks_share_it(tmp_path)
                     "/sys/fs/cgroup/memory/memory.limit_in_bytes": UNLIMITED_V1,
                     "/sys/fs/cgroup/memory/memory.usage_in_bytes": 9 * GiB,
                     "/sys/fs/cgroup/unified/cgroup.procs": ""})
-    assert gpt2.memory_limits(root) == [(os.path.join(root, job.lstrip("/")), 4 * GiB, GiB)]
+    assert faults.memory_limits(root) == [(os.path.join(root, job.lstrip("/")), 4 * GiB, GiB)]
     assert gpt2.free_memory(CPU, root=root) == 3 * GiB
     assert gpt2.free_memory(CPU, local_world_size=2, root=root) == 3 * GiB // 2
 
@@ -69,7 +70,7 @@ def test_v2_the_least_room_over_the_cgroup_and_its_ancestors(tmp_path, parent, c
                     "/sys/fs/cgroup/user.slice/run.scope/memory.high": "max",
                     "/sys/fs/cgroup/memory.current": 20 * GiB})  # the root cgroup has no limit files
     assert gpt2.free_memory(CPU, root=root) == int(free)
-    assert len(gpt2.memory_limits(root)) == 2
+    assert len(faults.memory_limits(root)) == 2
 
 
 def test_v2_memory_high_counts_as_a_limit(tmp_path):
@@ -88,7 +89,7 @@ def test_no_limit_leaves_the_available_ram(tmp_path):
                  {"/sys/fs/cgroup/memory/job/memory.limit_in_bytes": UNLIMITED_V1,
                   "/sys/fs/cgroup/memory/job/memory.usage_in_bytes": GiB}, available=10 * GiB)
     for root in v2, v1:
-        assert gpt2.memory_limits(root) == []
+        assert faults.memory_limits(root) == []
         assert gpt2.free_memory(CPU, root=root) == 10 * GiB
     # a limit above the available RAM leaves the RAM
     bigger = machine(tmp_path / "bigger", "0::/job\n", V2_MOUNT.format(root="/"),
@@ -122,7 +123,7 @@ def test_in_a_container_the_mount_point_is_the_process_cgroup(tmp_path):
     # the process's path lies outside the mount's root
     outside = machine(tmp_path / "outside", "0::/../../other\n", V2_MOUNT.format(root="/kubepods.slice"), files)
     for root in own, namespaced, outside:
-        assert gpt2.memory_limits(root) == [(os.path.join(root, "sys/fs/cgroup"), 5 * GiB, 2 * GiB)], root
+        assert faults.memory_limits(root) == [(os.path.join(root, "sys/fs/cgroup"), 5 * GiB, 2 * GiB)], root
         assert gpt2.free_memory(CPU, root=root) == 3 * GiB
     # the mount's root is a prefix of the process's path: the rest of the path is under the mount point
     nested = machine(tmp_path / "nested", f"0::{ctr}/job\n", V2_MOUNT.format(root=ctr),
