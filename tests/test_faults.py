@@ -158,7 +158,7 @@ def test_one_rank_out_of_memory_inside_a_collective_leaves_and_the_restart_halve
 
 @pytest.mark.slow
 def test_without_restarts_the_run_ends_at_once_and_the_line_says_how_to_resume(reference, tmp_path):
-    data_dir, theirs = reference
+    data_dir, _ = reference
     log_dir = tmp_path / "run"
     args = [*COMMON, f"--data_dir={data_dir}", f"--log_dir={log_dir}", "--micro_batch_size=4"]
     status, out, lines = launch(tmp_path, ["backward", "1", "2", "3"], args)
@@ -166,9 +166,8 @@ def test_without_restarts_the_run_ends_at_once_and_the_line_says_how_to_resume(r
     assert out.count("error: rank 1: out of memory in the backward pass at micro_batch_size=4 (step 3)") == 1, out
     assert "continue with --init_from=resume (the same command otherwise): it resumes at micro_batch_size=2" in out
     assert not [m for m in MISMATCH if m in out], out
-    # the command the line gives: the same one, which resumes at the halved micro batch and never meets the fault
-    run_gpt2(*args, torchrun_ranks=2)
-    assert_equal_losses(train_losses(log_dir), theirs)
+    # the command the line gives (the same, with --init_from=resume) is what a torchrun restart runs: tested above
+    assert [(r["micro_batch_size"], r["rank"]) for r in json.loads((log_dir / faults.OOM_FILE).read_text())] == [(4, 1)]
 
 
 # --- preemption ---
@@ -219,32 +218,23 @@ def test_sigterm_to_torchrun_checkpoints_after_a_step_and_the_resume_equals_a_ru
     assert (stopped / "log.txt").read_bytes() == (straight / "log.txt").read_bytes()
 
 
-# a signal straight to the process (SLURM signals every process of a job step) at an awkward moment
-SIGNALLED = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import gpt2
-from cli import run_cli
+# a signal straight to the process (SLURM signals every process of a job step) at an awkward moment: sent by the
+# process to itself, from inside the function named, and in save_checkpoint a second one once the write is done
+def signal_within(monkeypatch, name):
+    original = getattr(gpt2, name)
+    sent = []
 
-moment = sys.argv[1]
-original = getattr(gpt2, moment)
-sent = [False]
-
-
-def signalled(*args, **kwargs):
-    if not sent[0]:
-        sent[0] = True
+    def signalled(*args, **kwargs):
+        if sent:
+            return original(*args, **kwargs)
+        sent.append(signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
-        if moment == "save_checkpoint":  # and a second signal while the checkpoint is being written
-            result = original(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if name == "save_checkpoint":
             os.kill(os.getpid(), signal.SIGUSR1)
-            return result
-    return original(*args, **kwargs)
+        return result
 
-
-setattr(gpt2, moment, signalled)
-run_cli(gpt2.main, gpt2.Config(), sys.argv[2:])
-"""
+    monkeypatch.setattr(gpt2, name, signalled)
 
 
 SIGNAL_RUN = [*TINY, "--max_steps=8", "--val_every=4", "--val_tokens=128", "--checkpoint_every=3", "--init_from=resume"]
@@ -263,15 +253,14 @@ def never_stopped(reference):
 @pytest.mark.parametrize("moment, stops_after", [("setup_distributed", 0), ("evaluate_loss", 0),
                                                  ("save_checkpoint", 3)])
 def test_a_signal_at_startup_in_evaluation_or_during_a_checkpoint_stops_after_the_next_step(never_stopped, tmp_path,
-                                                                                             moment, stops_after):
+                                                                                             monkeypatch, moment,
+                                                                                             stops_after):
     data_dir, straight = never_stopped
     args = [*SIGNAL_RUN, f"--data_dir={data_dir}"]
     stopped = tmp_path / "stopped"
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED.format(root=ROOT))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(script), moment, *merge_settings([*args, f"--log_dir={stopped}"])],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    with monkeypatch.context() as patched:  # this process is the run: gpt2.py's command line in it (conftest)
+        signal_within(patched, moment)
+        proc = run_gpt2(*args, f"--log_dir={stopped}", check=False, in_process=True)
     assert proc.returncode == faults.PREEMPTED, proc.stdout + proc.stderr
     signals = "SIGTERM then SIGUSR1" if moment == "save_checkpoint" else "SIGTERM"
     said = [line for line in proc.stderr.splitlines() if line.startswith("preempted")]

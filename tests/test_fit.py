@@ -140,20 +140,18 @@ def test_an_out_of_memory_step_halves_the_micro_batch_and_equals_a_run_started_t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, failing, start, settled", [("ddp", "1", 4, 2), ("ddp", "1", 2, 1)])
-def test_one_ranks_out_of_memory_halves_every_ranks_micro_batch(shards, tmp_path, mode, failing, start, settled):
-    # DDP: rank 1 alone fails in its forward, where no collective is in flight, in the step's one micro-step or in the
-    # first of two (it then skips the second, and the ranks agree before the last backward). Under FSDP every forward
-    # and backward may be inside a collective: the rank leaves and a restart halves (tests/test_faults.py)
-    common = [f"--data_dir={shards}", "--max_steps=4", "--val_every=0", "--checkpoint_every=0", "--total_batch_size=128",
-              f"--fsdp={int(mode == 'fsdp')}"]
+def test_one_ranks_out_of_memory_halves_every_ranks_micro_batch(shards, tmp_path):
+    # DDP: rank 1 alone fails in its forward, where no collective is in flight: at 4 sequences in the step's one
+    # micro-step, then at 2 in the first of two (it skips the second, and the ranks agree before the last backward).
+    # Under FSDP every forward and backward may be inside a collective: the rank leaves and a restart halves
+    # (tests/test_faults.py)
+    common = [f"--data_dir={shards}", "--max_steps=4", "--val_every=0", "--checkpoint_every=0", "--total_batch_size=128"]
     faulty_dir, plain_dir = str(tmp_path / "faulty"), str(tmp_path / "plain")
-    proc = run_faulty(tmp_path, settled, failing, *common, f"--log_dir={faulty_dir}", f"--micro_batch_size={start}",
-                      ranks=2)
-    steps = 4 // settled  # 128 tokens of 16 per step over 2 ranks: 4 sequences each
-    assert proc.stdout.count(f"out of memory at micro_batch_size={start}: the step again with {settled} "
-                             f"({steps} micro-steps)") == 1
-    run_gpt2(*TINY_ANY_BATCH, *common, f"--log_dir={plain_dir}", f"--micro_batch_size={settled}", torchrun_ranks=2)
+    proc = run_faulty(tmp_path, 1, "1", *common, f"--log_dir={faulty_dir}", "--micro_batch_size=4", ranks=2)
+    # 128 tokens of 16 per step over 2 ranks: 4 sequences each
+    assert proc.stdout.count("out of memory at micro_batch_size=4: the step again with 2 (2 micro-steps)") == 1
+    assert proc.stdout.count("out of memory at micro_batch_size=2: the step again with 1 (4 micro-steps)") == 1
+    run_gpt2(*TINY_ANY_BATCH, *common, f"--log_dir={plain_dir}", "--micro_batch_size=1", torchrun_ranks=2)
     ours, theirs = train_losses(faulty_dir), train_losses(plain_dir)
     assert sorted(ours) == list(range(4))
     for step in ours:
