@@ -38,7 +38,7 @@ def test_auto_takes_the_largest_micro_batch_whose_estimate_fits():
         assert estimate(dataclasses.replace(cfg, micro_batch_size=b)) <= usable
         assert estimate(dataclasses.replace(cfg, micro_batch_size=2 * b)) > usable
         assert line.startswith(f"micro_batch_size=auto: {b} ({512 // b} micro-steps per rank)")
-    # 80 GB: about 51 GB at 64 (bf16, plain loss), as the README's table says; 16 GB cannot hold 16 (about 14 GB)
+    # 80 GB: about 51 GB at 64 (bf16, plain loss), as docs/scaling.md's table says; 16 GB cannot hold 16 (about 14 GB)
     assert gpt2.choose_micro_batch(cfg, 1, torch.bfloat16, "plain", 80 * GB)[0].micro_batch_size == 64
     assert gpt2.choose_micro_batch(cfg, 1, torch.bfloat16, "plain", 16 * GB)[0].micro_batch_size == 8
 

@@ -1,4 +1,4 @@
-"""Commands are siblings: a script imports the shared floors below it, never another command (the README's "The
+"""Commands are siblings: a script imports the shared floors below it, never another command (docs/tour.md's "The
 imports go one way"). The imports are read with ast, so nothing is imported and torch is never loaded."""
 
 import ast

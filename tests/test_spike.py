@@ -263,7 +263,7 @@ def test_bad_spike_settings(streams):
 
 def test_healthy_runs_never_roll_back(streams, tmp_path):
     # the clean run (AdamW, cosine) in the fixture; here Muon, WSD and float16 at the default spike test, checked from
-    # step 20 on rather than 100; bench/bench_spike.py replays longer and real runs (README)
+    # step 20 on rather than 100; bench/bench_spike.py replays longer and real runs (docs/reliability.md)
     out = run_here(*RUN, *GUARD, "--spike_window=20", "--optimizer=muon", "--lr_schedule=wsd", "--dtype=float16",
                    "--val_every=0", "--checkpoint_every=0", f"--data_dir={streams['clean']}",
                    f"--log_dir={tmp_path / 'healthy'}").stdout
