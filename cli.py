@@ -438,9 +438,10 @@ class Progress:
     The ETA is the units left times the median time per unit over the latest `window` updates that count. The median,
     not the mean: one slow step among twenty (a checkpoint written, a data stall, a recompile) would move a mean, and
     the ETA, by a twentieth of its length, and the median not at all; a real change of speed shows once it holds for
-    half the window. What does not count: the first `skip` updates that complete units (compilation, warm-up), the time
-    between pause() and resume() (an evaluation), and update(..., timed=False) (units found done already). An update
-    that completes no unit carries its time to the next that does. total=None: a count without percent or ETA.
+    half the window. What does not count: the first `skip` updates that complete units (compilation, warm-up), and
+    update(..., timed=False) (units found done already); a caller that times its own units passes `seconds`, which
+    leaves out whatever else it did (an evaluation). An update that completes no unit carries its time to the next
+    that does. total=None (fineweb.py when a source's row count is unknown): a count without percent or ETA.
     """
 
     def __init__(self, total, done=0, skip=1, window=20, clock=time.monotonic):
@@ -448,18 +449,15 @@ class Progress:
         self.start = self.last = clock()  # `last`: the previous update, where the time of the next units starts
         self.recent = deque(maxlen=window)  # seconds per unit of the latest updates that count
         self.carried = 0.0  # seconds of updates that completed no unit
-        self.excluded, self.paused_at = 0.0, None  # paused seconds since the last update; when the pause began
 
     def update(self, done, seconds=None, timed=True):
         """`done` units are complete now. `seconds`: how long the units since the previous update took (default: the
-        clock since then, paused time left out). timed=False: they were done already and take no time; neither they
-        nor the time since the previous update go into the rate."""
+        clock since then). timed=False: they were done already and take no time; neither they nor the time since the
+        previous update go into the rate."""
         now = self.clock()
         if seconds is None:
-            seconds = now - self.last - self.excluded - (now - self.paused_at if self.paused_at is not None else 0.0)
-        self.last, self.excluded = now, 0.0
-        if self.paused_at is not None:
-            self.paused_at = now  # the rest of the pause is left out of the next update
+            seconds = now - self.last
+        self.last = now
         units, self.done = done - self.done, done
         if not timed:
             self.carried = 0.0
@@ -471,16 +469,6 @@ class Progress:
         else:
             self.recent.append((self.carried + seconds) / units)
             self.carried = 0.0
-
-    def pause(self):
-        """Time from now until resume() is left out of the rate (for updates that time themselves by the clock)."""
-        if self.paused_at is None:
-            self.paused_at = self.clock()
-
-    def resume(self):
-        if self.paused_at is not None:
-            self.excluded += self.clock() - self.paused_at
-            self.paused_at = None
 
     def eta(self):
         """Seconds left, or None while no rate is known (or no total)."""

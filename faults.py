@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -32,6 +33,9 @@ from cli import UserError
 OOM_FILE = "oom.json"
 PREEMPTED = 75  # the exit status of a preempted run: sysexits' EX_TEMPFAIL, "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # spot instances and SLURM's time limit; SLURM's --signal=USR1@N
+
+# what fits a model whose micro batch of 1 ran out of memory, for the lines that say so
+LESS_MEMORY = "--activation_checkpointing=1, --loss_impl=chunked, --fsdp=1 or a smaller model"
 
 # the settings that decide a micro batch's memory: a failure recorded under others says nothing about this run. Not the
 # loss or activation checkpointing, which --micro_batch_size=auto may turn on by itself: a record made with them (so
@@ -111,11 +115,49 @@ def fit_below(micro_batch_size, limit, per_rank, path, say):
         smaller = smaller_micro_batch(per_rank, smaller)
     if smaller is None:
         raise UserError(f"micro_batch_size={limit} ran out of memory in this log_dir ({path}) and there is nothing "
-                        f"smaller to halve to: resume with --activation_checkpointing=1, --loss_impl=chunked, --fsdp=1 "
-                        f"or a smaller model")
+                        f"smaller to halve to: resume with {LESS_MEMORY}")
     say(f"micro_batch_size={b}: {limit} ran out of memory in this run ({path}), so {smaller} "
         f"({per_rank // smaller} micro-steps per rank)")
     return smaller
+
+
+class OutOfMemoryInCollective(Exception):
+    """An out-of-memory error where this rank's peers may be inside a collective with it (gpt2.forward_backward)."""
+
+    def __init__(self, where, micro_batch_size):
+        super().__init__(f"out of memory in the {where} at micro_batch_size={micro_batch_size}")
+        self.where, self.micro_batch_size = where, micro_batch_size
+
+
+def leave_after_oom(log_dir, error, record, per_rank, resumes):
+    """Where a collective may be in flight: records the failure `error` (an OutOfMemoryInCollective) in log_dir, with
+    `record` (step, rank, settings), says so in one line and exits at once, entering no collective (not even the
+    process group's teardown). torchrun then stops the other ranks, and a restart with --init_from=resume (`resumes`)
+    trains from the newest checkpoint at about half the micro batch, of the per_rank sequences per step."""
+    b = error.micro_batch_size
+    path = record_oom(log_dir, {"micro_batch_size": b, "where": error.where, **record})
+    smaller = smaller_micro_batch(per_rank, b)
+    restarts_left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if smaller is None:
+        after = f"nothing smaller to halve to: resume with --init_from=resume and {LESS_MEMORY}"
+    elif restarts_left > 0 and resumes:
+        after = f"torchrun restarts the run from the newest checkpoint at micro_batch_size={smaller}"
+    else:
+        after = f"continue with --init_from=resume (the same command otherwise): it resumes at micro_batch_size={smaller}"
+    sys.stdout.flush()
+    sys.stderr.write(f"error: rank {record['rank']}: {error} (step {record['step']}), where the other ranks may be inside "
+                     f"a collective with it: recorded in {path}, stopping the run: {after}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+class Preempted(Exception):
+    """Every rank stopped on a SIGTERM or SIGUSR1 after a step, its checkpoint written (gpt2.run_training); only rank
+    0 (is_master) says so."""
+
+    def __init__(self, message, is_master):
+        super().__init__(message)
+        self.is_master = is_master
 
 
 class StopRequest:

@@ -70,15 +70,18 @@ from cli import (
     run_cli,
 )
 from faults import (
+    LESS_MEMORY,
     OOM_FILE,
     PREEMPTED,
+    OutOfMemoryInCollective,
+    Preempted,
     StopRequest,
     fit_below,
+    leave_after_oom,
     memory_fingerprint,
     memory_limits,
     oom_limit,
     read_text,
-    record_oom,
     smaller_micro_batch,
 )
 from muon import MuonAdamW, is_dtensor, step_bytes
@@ -1304,14 +1307,6 @@ def train(cfg, overridden):
         stop.restore()
 
 
-class Preempted(Exception):
-    """Every rank stopped on a SIGTERM or SIGUSR1 after a step, its checkpoint written (run_training)."""
-
-    def __init__(self, message, is_master):
-        super().__init__(message)
-        self.is_master = is_master
-
-
 def starting_point(cfg, overridden, d, say):
     """Where training starts: (the run's config, a checkpoint or None, a Hugging Face model or None).
 
@@ -1534,14 +1529,6 @@ class StepParts:
     progress: Progress  # steps done of max_steps, elapsed and ETA, for the step's line
 
 
-class OutOfMemoryInCollective(Exception):
-    """An out-of-memory error where this rank's peers may be inside a collective with it (forward_backward)."""
-
-    def __init__(self, where, micro_batch_size):
-        super().__init__(f"out of memory in the {where} at micro_batch_size={micro_batch_size}")
-        self.where, self.micro_batch_size = where, micro_batch_size
-
-
 def forward_backward(parts, d):
     """The micro-steps of one optimizer step: each reads the loader's next micro batch and adds its gradients.
     Returns this rank's mean loss over them (a tensor on d.device), or None when the step must run again at a smaller
@@ -1552,7 +1539,7 @@ def forward_backward(parts, d):
     per step, before the last micro-step's backward (a rank that failed earlier skips its micro-steps until then), and
     all return None. Where a collective may be in flight (DDP's last backward, where the gradients are all-reduced;
     every FSDP forward and backward, with their gathers and reduce-scatters) it is raised as OutOfMemoryInCollective:
-    this rank must enter no further collective, and train_step leaves (leave_after_oom)."""
+    this rank must enter no further collective, and train_step leaves (faults.leave_after_oom)."""
     ddp = isinstance(parts.model, nn.parallel.DistributedDataParallel)
     alone = d.world_size == 1
     loss_accum = torch.zeros((), device=d.device)
@@ -1615,35 +1602,11 @@ def halve_micro_batch(cfg, d, parts, step, say):
     smaller = smaller_micro_batch(per_rank, parts.loader.B)
     if smaller is None:
         raise UserError(f"step {step}: out of memory with micro_batch_size=1; the last checkpoint in {cfg.log_dir}/ is "
-                        f"intact: resume with --activation_checkpointing=1, --loss_impl=chunked, --fsdp=1 or a smaller model")
+                        f"intact: resume with {LESS_MEMORY}")
     say(f"step {step:6d} | out of memory at micro_batch_size={parts.loader.B}: the step again with {smaller} "
         f"({per_rank // smaller} micro-steps), as every later step")
     parts.loader.B, parts.grad_accum = smaller, per_rank // smaller
     cfg.micro_batch_size = smaller
-
-
-def leave_after_oom(cfg, d, step, error):
-    """Where a collective may be in flight, an out-of-memory rank records the failure in log_dir (faults.record_oom),
-    says so in one line and exits at once, entering no collective (not even the process group's teardown): torchrun
-    then stops the other ranks, and a restart (--max-restarts with --init_from=resume) trains from the newest
-    checkpoint at about half the micro batch (resolve_micro_batch reads the record)."""
-    per_rank = error.micro_batch_size * grad_accum_steps(cfg, d.world_size)
-    smaller = smaller_micro_batch(per_rank, error.micro_batch_size)
-    path = record_oom(cfg.log_dir, {"micro_batch_size": error.micro_batch_size, "step": step, "rank": d.rank,
-                                    "where": error.where, "settings": memory_fingerprint(cfg, d.world_size)})
-    restarts_left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if smaller is None:
-        after = ("nothing smaller to halve to: resume with --init_from=resume and --activation_checkpointing=1, "
-                 "--loss_impl=chunked, --fsdp=1 or a smaller model")
-    elif restarts_left > 0 and cfg.init_from == "resume":
-        after = f"torchrun restarts the run from the newest checkpoint at micro_batch_size={smaller}"
-    else:
-        after = f"continue with --init_from=resume (the same command otherwise): it resumes at micro_batch_size={smaller}"
-    sys.stdout.flush()
-    sys.stderr.write(f"error: rank {d.rank}: {error} (step {step}), where the other ranks may be inside a collective "
-                     f"with it: recorded in {path}, stopping the run: {after}\n")
-    sys.stderr.flush()
-    os._exit(1)
 
 
 def train_step(cfg, d, parts, step, run_log):
@@ -1660,8 +1623,9 @@ def train_step(cfg, d, parts, step, run_log):
             halve_micro_batch(cfg, d, parts, step, run_log.print)
             parts.loader.load_state_dict(start)
     except OutOfMemoryInCollective as e:
-        leave_after_oom(cfg, d, step, e)
-    stop = torch.tensor(float(parts.stop.requested), device=device)
+        leave_after_oom(cfg.log_dir, e, {"step": step, "rank": d.rank, "settings": memory_fingerprint(cfg, d.world_size)},
+                        parts.loader.B * parts.grad_accum, resumes=cfg.init_from == "resume")
+    stop = loss_accum.new_full((), float(parts.stop.requested))  # filled on the device: no copy, no wait for it
     loss_accum, stop = all_reduce_sum(torch.stack([loss_accum / d.world_size, stop]))
     scaler.unscale_(optimizer)  # the true gradients again, for the norm and the clip
     norm = clip_gradients(parts.raw_model, cfg.grad_clip)

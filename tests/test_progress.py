@@ -73,28 +73,6 @@ def test_explicit_seconds_and_several_units_per_update():
     assert progress.times() == f"elapsed 0:08:20 | eta {hms(990 * 2.0)}"  # elapsed is the wall clock, 500 s
 
 
-def test_paused_time_is_left_out():
-    clock = FakeClock()
-    progress = Progress(10, skip=0, clock=clock)
-    clock.now += 3.0
-    progress.pause()
-    clock.now += 100.0  # an evaluation
-    progress.resume()
-    clock.now += 1.0
-    progress.update(1)
-    assert progress.eta() == 9 * 4.0
-    clock.now += 1.0
-    progress.pause()  # updated while paused: the time before the pause counts, none of the pause does
-    clock.now += 2.0
-    progress.update(2)
-    clock.now += 50.0
-    progress.resume()
-    clock.now += 2.0
-    progress.update(3)
-    assert progress.eta() == 7 * 2.0  # the units took 4, 1 and 2 s: the median is 2
-    assert progress.times().startswith("elapsed 0:02:39 |")  # 3 + 100 + 1 + 1 + 2 + 50 + 2 = 159 s of wall time
-
-
 def test_an_update_without_new_units_carries_its_time():
     clock = FakeClock()
     progress = Progress(100, skip=0, clock=clock)
